@@ -1,0 +1,65 @@
+"""Backend selection shared by every op in ``mmfm.kernels``.
+
+Each op takes ``backend="auto"|"reference"|"triton"|"cuda"``. ``MMFM_KERNEL_BACKEND`` forces one
+for every op (useful to A/B a whole model). ``auto`` picks the fastest available path for the
+device of the inputs: the CUDA extension if built, else Triton on CUDA tensors, else the
+PyTorch reference (CPU always works).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+ENV_VAR = "MMFM_KERNEL_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device, available: tuple[str, ...]) -> str:
+    """Return the concrete backend for an op.
+
+    Args:
+        backend: the caller's request; the environment variable overrides ``"auto"`` only.
+        device: device of the op's inputs.
+        available: the fast backends the op implements and that are usable now, fastest first
+            (e.g. ``("cuda", "triton")``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        on_gpu = device.type == "cuda"
+        for candidate in available:
+            if candidate == "cuda" and on_gpu:
+                return "cuda"
+            if candidate == "triton" and triton_available() and (on_gpu or triton_interpret()):
+                return "triton"
+        return "reference"
+    if backend == "reference":
+        return backend
+    if backend not in available:
+        raise RuntimeError(
+            f"backend {backend!r} is not available here (available: {('reference',) + available}); "
+            f"use backend='auto' or unset {ENV_VAR}"
+        )
+    if backend == "triton" and device.type != "cuda" and not triton_interpret():
+        raise RuntimeError("backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
+    if backend == "cuda" and device.type != "cuda":
+        raise RuntimeError("backend 'cuda' needs CUDA tensors")
+    return backend

@@ -1,0 +1,10 @@
+"""mmfm: multimodal foundation-model toolkit.
+
+Sub-packages: ``mmfm.data`` (shards, transforms, synthetic data), ``mmfm.kernels`` (scan kernels),
+``mmfm.radio`` (agglomerative vision encoders), ``mmfm.ps3`` (high-resolution encoders),
+``mmfm.vlm`` (vision-language models). Import them explicitly; this module stays light.
+"""
+
+from mmfm.version import __version__
+
+__all__ = ["__version__"]
