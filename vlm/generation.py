@@ -1,0 +1,71 @@
+"""Batched generation for the VLM with left padding and the language model's own cache.
+
+Prefill runs once on the spliced embeddings; decoding then feeds one token at a time. For
+Nemotron-H the cache keeps constant-size conv + SSM states for Mamba layers and a KV cache only for
+attention layers (transformers' hybrid cache), so decode memory does not grow with Mamba layers.
+Left padding keeps every row's last real token at the end; the attention mask tells Mamba layers to
+zero padded positions so padding never enters their states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token ``(B,)`` from ``logits (B, V)``: greedy, or temperature + nucleus sampling."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the top token
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_from_embeds(language_model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                         max_new_tokens: int, eos_token_id: int | None = None, pad_token_id: int = 0,
+                         do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                         generator: torch.Generator | None = None,
+                         on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` for left-padded ``inputs_embeds (B, L, D)``; returns ``(B, T)`` ids.
+
+    Rows that produced ``eos_token_id`` are padded with ``pad_token_id`` afterwards. ``on_token`` is
+    called with each new ``(B,)`` token batch (for streaming).
+    """
+    if attention_mask[:, -1].eq(0).any():
+        raise ValueError("generation needs left padding: the last position of every row must be a real token")
+    out = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True)
+    cache = out.past_key_values
+    batch = inputs_embeds.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=inputs_embeds.device)
+    mask = attention_mask
+    tokens = []
+    logits = out.logits[:, -1]
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, do_sample, temperature, top_p, generator)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+        tokens.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
+        if eos_token_id is not None:
+            finished |= nxt == eos_token_id
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+        out = language_model(input_ids=nxt[:, None], past_key_values=cache, attention_mask=mask,
+                             position_ids=position_ids, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1]
+    if not tokens:
+        return torch.empty(batch, 0, dtype=torch.long, device=inputs_embeds.device)
+    return torch.stack(tokens, dim=1)

@@ -1,0 +1,137 @@
+"""The vision-language model: vision encoder -> token compression -> projector -> causal LM.
+
+``VLM(vision_encoder, compressor, projector, language_model, image_token_id)``. Each image becomes
+``K`` embeddings that replace its run of ``K`` placeholder tokens in ``input_ids`` (placeholder
+order = image order). The language model is any Hugging Face causal LM that accepts
+``inputs_embeds``; the hybrid ``NemotronHForCausalLM`` is first-class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+ImagesArg = torch.Tensor | Sequence[torch.Tensor] | None
+
+
+def split_images(images: ImagesArg) -> list[torch.Tensor]:
+    """Normalise the ``images`` argument to a list of ``(n_i, 3, H_i, W_i)`` batches of equal size each.
+
+    Accepts ``(N, 3, H, W)``, or a list of ``(3, H, W)`` / ``(n, 3, H, W)`` tensors of different sizes.
+    Consecutive images of one size are batched together; order is preserved.
+    """
+    if images is None:
+        return []
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+        return [images] if images.shape[0] else []
+    groups: list[list[torch.Tensor]] = []
+    for i, image in enumerate(images):
+        if image.dim() == 3:
+            image = image.unsqueeze(0)
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"images[{i}] must be (3, H, W) or (n, 3, H, W), got {tuple(image.shape)}")
+        if groups and groups[-1][0].shape[-2:] == image.shape[-2:]:
+            groups[-1].append(image)
+        else:
+            groups.append([image])
+    return [torch.cat(g) for g in groups]
+
+
+def placeholder_runs(input_ids: torch.Tensor, token_id: int) -> list[tuple[int, int, int]]:
+    """Runs of consecutive placeholder tokens as ``(row, start, length)``, row-major order."""
+    is_ph = input_ids == token_id
+    prev = torch.zeros_like(is_ph)
+    prev[:, 1:] = is_ph[:, :-1]
+    starts = (is_ph & ~prev).nonzero().tolist()
+    runs = []
+    for row, start in starts:
+        length = 0
+        while start + length < input_ids.shape[1] and bool(is_ph[row, start + length]):
+            length += 1
+        runs.append((row, start, length))
+    return runs
+
+
+class VLM(nn.Module):
+    """Vision-language model.
+
+    Args:
+        vision_encoder: module with ``patch_size`` whose ``forward(images (N, 3, H, W) in [0, 1])`` returns an
+            object with ``.features`` ``(N, h*w, D)`` (an mmfm ``RadioOutput``).
+        compressor: module mapping ``(N, h*w, D)`` and the grid ``(h, w)`` to ``(N, K, D')``.
+        projector: module mapping ``(N, K, D')`` to ``(N, K, D_lm)``.
+        language_model: HF causal LM accepting ``inputs_embeds``.
+        image_token_id: id of the placeholder token; each image needs a run of ``K`` of them.
+    """
+
+    def __init__(self, vision_encoder: nn.Module, compressor: nn.Module, projector: nn.Module,
+                 language_model: nn.Module, image_token_id: int, freeze_vision: bool = True) -> None:
+        super().__init__()
+        self.vision_encoder = vision_encoder
+        self.compressor = compressor
+        self.projector = projector
+        self.language_model = language_model
+        self.image_token_id = int(image_token_id)
+        self.freeze_vision = freeze_vision
+        if freeze_vision:
+            self.vision_encoder.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    def tokens_per_image(self, height: int, width: int) -> int:
+        """Number of placeholder tokens an image of ``height x width`` pixels needs."""
+        patch = self.vision_encoder.patch_size
+        return int(self.compressor.num_output_tokens(height // patch, width // patch))
+
+    def embed_images(self, images: ImagesArg) -> list[torch.Tensor]:
+        """Encode, compress and project images; returns one ``(K_i, D_lm)`` tensor per image, in order."""
+        out: list[torch.Tensor] = []
+        for batch in split_images(images):
+            batch = batch.to(self.device)
+            grad = torch.is_grad_enabled() and not self.freeze_vision
+            with torch.set_grad_enabled(grad):
+                features = self.vision_encoder(batch).features  # (n, h*w, D)
+            patch = self.vision_encoder.patch_size
+            grid = (batch.shape[-2] // patch, batch.shape[-1] // patch)
+            tokens = self.compressor(features, grid)  # (n, K, D')
+            tokens = tokens[0] if isinstance(tokens, tuple) else tokens
+            out.extend(self.projector(tokens).unbind(0))
+        return out
+
+    def build_inputs_embeds(self, input_ids: torch.Tensor, images: ImagesArg) -> torch.Tensor:
+        """Token embeddings with each placeholder run replaced by its image's embeddings ``(B, L, D_lm)``."""
+        embed = self.language_model.get_input_embeddings()
+        image_embeds = self.embed_images(images)
+        runs = placeholder_runs(input_ids, self.image_token_id)
+        if len(runs) != len(image_embeds):
+            raise ValueError(
+                f"got {len(image_embeds)} images but {len(runs)} runs of image placeholder tokens "
+                f"(id {self.image_token_id}) in input_ids; give one image per <image> placeholder"
+            )
+        inputs_embeds = embed(input_ids)
+        if not runs:
+            return inputs_embeds
+        for i, ((_row, _start, length), emb) in enumerate(zip(runs, image_embeds)):
+            if length != emb.shape[0]:
+                raise ValueError(
+                    f"image {i} gives {emb.shape[0]} tokens but its placeholder run has {length} tokens; "
+                    f"expand each <image> to tokens_per_image(H, W) placeholders"
+                )
+        # One out-of-place scatter keeps autograd simple: rows/positions of every placeholder, in order.
+        index = torch.cat([torch.arange(s, s + n, device=input_ids.device) + r * input_ids.shape[1]
+                           for r, s, n in runs])
+        flat = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])
+        flat = flat.index_copy(0, index, torch.cat(image_embeds).to(flat.dtype))
+        return flat.view_as(inputs_embeds)
+
+    def forward(self, input_ids: torch.Tensor, images: ImagesArg = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs):
+        """Returns the language model's output (``.logits (B, L, V)``, ``.loss`` when labels are given)."""
+        inputs_embeds = self.build_inputs_embeds(input_ids, images)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
