@@ -135,3 +135,37 @@ class VLM(nn.Module):
         """Returns the language model's output (``.logits (B, L, V)``, ``.loss`` when labels are given)."""
         inputs_embeds = self.build_inputs_embeds(input_ids, images)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, images: ImagesArg, prompt: str | Sequence[str], max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, tokenizer=None,
+                 on_token=None, generator: torch.Generator | None = None) -> list[str]:
+        """Answer ``prompt`` (one per image; ``<image>`` is prepended when absent) for ``images``.
+
+        Batched with left padding; greedy by default, or temperature + nucleus sampling. ``on_token``
+        receives each new ``(B,)`` token batch (streaming). Returns the decoded answers.
+        """
+        from mmfm.vlm.conversation import build_prompts
+        from mmfm.vlm.generation import generate_from_embeds
+
+        tokenizer = tokenizer or getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("generate needs a tokenizer: pass tokenizer=... or load the VLM with mmfm.vlm.load")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        groups = split_images(images)
+        sizes = {tuple(g.shape[-2:]) for g in groups}
+        if len(sizes) != 1:
+            raise ValueError(f"generate batches images of one size; got sizes {sorted(sizes)}")
+        (h, w), = sizes
+        ids, mask = build_prompts(tokenizer, prompts, self.image_token_id, self.tokens_per_image(h, w))
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        embeds = self.build_inputs_embeds(ids, images)
+        out = generate_from_embeds(self.language_model, embeds, mask, max_new_tokens,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator,
+                                   on_token=on_token)
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.tolist()]
+
+    def answer(self, tokenizer, images: ImagesArg, questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+        """Greedy short answers for VQA evaluation."""
+        return self.generate(images, list(questions), max_new_tokens=max_new_tokens, tokenizer=tokenizer)
