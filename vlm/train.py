@@ -82,8 +82,14 @@ def train(cfg: VLMTrainConfig, out: str | Path, resume: bool = False, progress: 
     from mmfm.config import save_config
     from mmfm.data.batching import EpochBatcher
     from mmfm.data.shards import read_shards
-    from mmfm.distributed import all_reduce_mean, get_rank, get_world_size, init_distributed, is_main_process
-    from mmfm.distributed import seed_everything
+    from mmfm.distributed import (
+        all_reduce_mean,
+        get_rank,
+        get_world_size,
+        init_distributed,
+        is_main_process,
+        seed_everything,
+    )
     from mmfm.logging_utils import MetricLogger, plot_loss_curves
     from mmfm.training import Engine
 
