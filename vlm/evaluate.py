@@ -112,3 +112,25 @@ def evaluate_vqa(vlm, tokenizer, data: str | Path, metric: str = "vqa_accuracy",
     summary["majority_baseline"] = {"overall": blind["overall"], "per_category": blind["per_category"],
                                     "answers": blind["answers"]}
     return {"metric": metric, **summary, "predictions": records}
+
+
+def run_eval(args) -> int:
+    """Back end of ``scripts/eval_vqa.py`` and ``mmfm vlm eval`` (argparse namespace in, exit code out)."""
+    from mmfm.vlm.build import load
+    from mmfm.vlm.metrics import format_table
+
+    vlm, tokenizer = load(args.model, device=args.device)
+    size = args.image_size or getattr(getattr(vlm, "config", None), "image_size", None)
+    result = evaluate_vqa(vlm, tokenizer, args.data, metric=args.metric, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, image_size=size, limit=args.limit)
+    blind = result["majority_baseline"]
+    print(format_table([{k: v for k, v in result.items() if k not in ("predictions", "majority_baseline")},
+                        {"metric": f"{args.metric} (majority baseline)", **blind}]))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "predictions.json").write_text(json.dumps(result["predictions"], indent=2))
+        metrics = {k: v for k, v in result.items() if k not in ("predictions", "scores")}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(f"wrote {out}/predictions.json and metrics.json")
+    return 0
