@@ -18,7 +18,7 @@ BACKENDS = ("auto", "reference", "triton", "cuda")
 ENV_VAR = "MMFM_KERNEL_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
