@@ -1,0 +1,168 @@
+"""Teacher wrappers: tiny random-init models of every family, checked against the libraries' own forwards."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from mmfm.radio.teachers import TeacherSpec, build_teacher
+
+TINY_HF = {
+    "siglip": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8),
+    "siglip2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8),
+    "dinov2": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8),
+    "dinov2_registers": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
+                             num_register_tokens=2),
+    "sam": dict(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
+                window_size=2, global_attn_indexes=[0], mlp_dim=64),
+    "radio": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8, num_cls_tokens=2,
+                  num_registers=1, max_img_size=64),
+}
+
+
+def _images(b=2, s=40, seed=0):
+    return torch.rand(b, 3, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+def _prep(t, images):
+    x = F.interpolate(images, size=(t.input_size, t.input_size), mode="bilinear", align_corners=False, antialias=True)
+    return (x - t.mean) / t.std
+
+
+def test_timm_vit_matches_forward_and_is_frozen():
+    spec = TeacherSpec("vit", "timm", "vit_tiny_patch16_224", input_size=64)
+    t = build_teacher(spec)
+    imgs = _images()
+    s, f = t(imgs)
+    assert s.shape == (2, 192) and f.shape == (2, 192, 4, 4) and t.patch_size == 16
+    x = _prep(t, imgs)
+    ref_tokens = t.model.forward_features(x)
+    torch.testing.assert_close(f.flatten(2).transpose(1, 2), ref_tokens[:, 1:])
+    torch.testing.assert_close(s, t.model.forward_head(ref_tokens, pre_logits=True))
+    t.train()
+    assert not t.training and not t.model.training
+    assert all(not p.requires_grad for p in t.parameters())
+    assert not s.requires_grad
+
+
+def test_timm_dinov2_registers_and_sam():
+    t = build_teacher(TeacherSpec("dino", "timm", "vit_small_patch14_reg4_dinov2", input_size=56,
+                                  model_kwargs=dict(embed_dim=32, depth=1, num_heads=2)))
+    s, f = t(_images())
+    assert f.shape == (2, 32, 4, 4) and s.shape == (2, 32) and t.model.num_prefix_tokens == 5
+    x = _prep(t, _images())
+    torch.testing.assert_close(s, t.model.forward_features(x)[:, 0])  # token pool = CLS after norm
+    t = build_teacher(TeacherSpec("sam", "timm", "samvit_base_patch16", input_size=64, use_summary=False,
+                                  model_kwargs=dict(embed_dim=32, depth=1, num_heads=2, global_attn_indexes=(0,),
+                                                    neck_chans=16, window_size=2)))
+    s, f = t(_images())
+    assert f.shape == (2, 16, 4, 4)
+    torch.testing.assert_close(s, f.mean(dim=(2, 3)))
+
+
+def test_open_clip_from_config_matches_encode_image():
+    import open_clip
+
+    cfg = dict(embed_dim=24, vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8))
+    t = build_teacher(TeacherSpec("clip", "open_clip", input_size=32, model_kwargs=cfg))
+    imgs = _images()
+    s, f = t(imgs)
+    assert s.shape == (2, 24) and f.shape == (2, 32, 4, 4) and t.patch_size == 8
+    x = _prep(t, imgs)
+    torch.testing.assert_close(s, t.model(x))  # the tower's own pooled + projected output
+    torch.testing.assert_close(t.mean.flatten(), torch.tensor(open_clip.OPENAI_DATASET_MEAN))
+    # tokens: ln_post of the last block's patch tokens
+    t.model.output_tokens = True
+    _, tokens = t.model(x)
+    t.model.output_tokens = False
+    torch.testing.assert_close(f.flatten(2).transpose(1, 2), tokens)
+
+
+def test_open_clip_checkpoint_roundtrip(tmp_path):
+    cfg = dict(embed_dim=24, vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8))
+    torch.manual_seed(0)
+    a = build_teacher(TeacherSpec("clip", "open_clip", input_size=32, model_kwargs=cfg))
+    path = tmp_path / "clip.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in a.model.state_dict().items()}, str(path))
+    torch.manual_seed(1)
+    b = build_teacher(TeacherSpec("clip", "open_clip", input_size=32, model_kwargs=cfg, checkpoint=str(path),
+                                  pretrained=True))
+    imgs = _images()
+    torch.testing.assert_close(a(imgs)[1], b(imgs)[1])
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_HF))
+def test_transformers_teachers(kind):
+    spec = TeacherSpec(kind, "transformers", kind, input_size=32, model_kwargs=TINY_HF[kind])
+    t = build_teacher(spec)
+    imgs = _images()
+    s, f = t(imgs)
+    c = 16 if kind == "sam" else 32
+    assert f.shape == (2, c, 4, 4), f.shape
+    assert s.ndim == 2 and s.shape[0] == 2 and torch.isfinite(s).all()
+    x = _prep(t, imgs)
+    if kind == "dinov2":
+        out = t.model(pixel_values=x)
+        torch.testing.assert_close(s, out.pooler_output)
+        torch.testing.assert_close(f.flatten(2).transpose(1, 2), out.last_hidden_state[:, 1:])
+    if kind == "radio":
+        out = t.model(pixel_values=F.interpolate(imgs, size=(32, 32), mode="bilinear", antialias=True))
+        torch.testing.assert_close(s, out.summary)
+        torch.testing.assert_close(f.flatten(2).transpose(1, 2), out.features)
+    if kind == "siglip":
+        out = t.model(pixel_values=x)
+        torch.testing.assert_close(s, out.pooler_output)
+
+
+def test_transformers_from_pretrained_dir(tmp_path):
+    spec = TeacherSpec("dino", "transformers", "dinov2", input_size=32, model_kwargs=TINY_HF["dinov2"])
+    a = build_teacher(spec)
+    a.model.save_pretrained(tmp_path / "dino")
+    b = build_teacher(TeacherSpec("dino", "transformers", "dinov2", input_size=32, checkpoint=str(tmp_path / "dino")))
+    imgs = _images()
+    torch.testing.assert_close(a(imgs)[1], b(imgs)[1])
+
+
+def test_errors(tmp_path):
+    missing = str(tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        build_teacher(TeacherSpec("x", "timm", "vit_tiny_patch16_224", input_size=64, checkpoint=missing))
+    with pytest.raises(ValueError, match="pretrained=True"):
+        TeacherSpec("x", "timm", "vit_tiny_patch16_224", pretrained=True)
+    with pytest.raises(ValueError, match="family"):
+        TeacherSpec("x", "keras", "m")
+    with pytest.raises(ValueError, match="model_name must be one of"):
+        build_teacher(TeacherSpec("x", "transformers", "resnet"))
+    t = build_teacher(TeacherSpec("vit", "timm", "vit_tiny_patch16_224", input_size=64))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        t(torch.rand(3, 64, 64))
+
+
+def test_toy_teacher_fixed_and_student_resolution():
+    torch.manual_seed(0)
+    fixed = build_teacher(TeacherSpec("a", "toy", width=24, depth=1, patch_size=16, input_size=32))
+    s, f = fixed(_images(s=50))
+    assert s.shape == (2, 24) and f.shape == (2, 24, 2, 2)
+    torch.testing.assert_close(s, fixed.model.forward_features(_prep(fixed, _images(s=50)))[:, 0])
+    dyn = build_teacher(TeacherSpec("b", "toy", width=16, depth=1, patch_size=8, input_size=0))
+    assert dyn.spec.match_student_resolution
+    _, f = dyn(torch.rand(1, 3, 48, 40))
+    assert f.shape == (1, 16, 6, 5)  # runs at the given size
+    _, f = dyn(torch.rand(1, 3, 50, 41))  # snapped down to multiples of the patch size
+    assert f.shape == (1, 16, 6, 5)
+    with pytest.raises(ValueError, match="width, depth and patch_size"):
+        build_teacher(TeacherSpec("c", "toy", width=16, input_size=32))
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_on_gpu_close_to_fp32():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    t = build_teacher(TeacherSpec("vit", "timm", "vit_tiny_patch16_224", input_size=64)).cuda()
+    imgs = _images().cuda()
+    s16, f16 = t(imgs)
+    x = _prep(t, imgs)
+    with torch.no_grad():
+        ref = t.model.forward_features(x)  # fp32, no autocast
+    assert f16.dtype == torch.float32
+    torch.testing.assert_close(f16.flatten(2).transpose(1, 2), ref[:, 1:], rtol=5e-2, atol=5e-2)
