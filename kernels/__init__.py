@@ -1,1 +1,40 @@
-"""mmfm.kernels"""
+"""mmfm.kernels: selective scan (Mamba-1), chunked SSD scan (Mamba-2), causal depthwise conv1d and decode
+state updates. Each op has a PyTorch reference (the specification, any device) and Triton GPU kernels
+with autograd; ``backend="auto"|"reference"|"triton"`` (or ``MMFM_KERNEL_BACKEND``) picks the path.
+Semantics and argument names follow mamba-ssm and causal-conv1d, so they are drop-in replacements;
+:func:`use_mmfm_kernels` routes transformers' Mamba-2 models through them.
+"""
+
+from mmfm.kernels.causal_conv1d import (
+    causal_conv1d,
+    causal_conv1d_reference,
+    causal_conv1d_update,
+    causal_conv1d_update_reference,
+)
+from mmfm.kernels.hf_integration import (
+    mmfm_kernels,
+    patch_transformers,
+    unpatch_transformers,
+    use_mmfm_kernels,
+)
+from mmfm.kernels.selective_scan import selective_scan, selective_scan_ref
+from mmfm.kernels.selective_state_update import selective_state_update, selective_state_update_ref
+from mmfm.kernels.ssd import ssd_chunk_scan, ssd_chunked_reference, ssd_reference
+
+__all__ = [
+    "causal_conv1d",
+    "causal_conv1d_reference",
+    "causal_conv1d_update",
+    "causal_conv1d_update_reference",
+    "mmfm_kernels",
+    "patch_transformers",
+    "selective_scan",
+    "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
+    "ssd_chunk_scan",
+    "ssd_chunked_reference",
+    "ssd_reference",
+    "unpatch_transformers",
+    "use_mmfm_kernels",
+]

@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-import mmfm.kernels.selective_scan as ss
-import mmfm.kernels.selective_state_update as ssu
+ss = importlib.import_module("mmfm.kernels.selective_scan")
+ssu = importlib.import_module("mmfm.kernels.selective_state_update")
 
 STEP_TOL = dict(atol=1e-5, rtol=1e-5)
 BF16_TOL = dict(atol=1e-2, rtol=1e-2)

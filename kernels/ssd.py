@@ -1,0 +1,753 @@
+"""Mamba-2 chunked SSD scan: PyTorch reference, Triton forward/backward kernels, autograd, dispatch.
+
+The op (same semantics as mamba-ssm's ``mamba_chunk_scan_combined``), per batch ``b``, head ``h``
+(in group ``g = h // (H // G)``), position ``t``::
+
+    dt_t   = clamp(softplus?(dt[b, t, h] + dt_bias[h]), *dt_limit)
+    S_t    = exp(dt_t * A[h]) * S_{t-1} + dt_t * x[b, t, h, :, None] * B[b, t, g, None, :]   # (P, N)
+    y_t    = S_t @ C[b, t, g] + D[h] * x[b, t, h]
+    out_t  = y_t * silu(z[b, t, h])              (if z is given)
+
+``S_{-1}`` is ``initial_states`` (zeros if None) and the state is reset to zero wherever
+``seq_idx[b, t] != seq_idx[b, t - 1]`` (packed sequences).
+
+The Triton path splits the sequence into chunks of ``chunk_size`` (the SSD algorithm):
+
+1. ``dt`` pre-processing and the per-chunk cumulative sum of ``dt * A`` (cheap, in PyTorch so that
+   autograd handles ``dt``, ``A`` and ``dt_bias``).
+2. ``_chunk_state_fwd``: the state each chunk produces from zero, ``(B, nchunks, H, P, N)``.
+3. ``_state_passing_fwd``: a sequential pass over chunks gives the state entering every chunk.
+4. ``_chunk_scan_fwd``: output = intra-chunk (masked, decayed ``C B^T`` "attention") + entering state
+   read out through ``C`` + ``D`` skip.
+
+The backward mirrors this: the gradient reaching each chunk-entry state from the outputs
+(``_chunk_dstate_bwd``), a reverse pass over chunks (``_state_passing_bwd``), then one program per
+(batch, chunk, head) that produces ``dx, ddt`` and the gradient of the cumulative sums and adds its
+share of ``dB, dC`` (shared by a group's heads) with fp32 atomics (``_chunk_scan_bwd``). Everything
+accumulates in fp32. Each program holds a whole chunk (tiles of chunk x chunk); this is simple but
+register-heavy: see BENCHMARKS.md for where that leaves it against mamba-ssm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mmfm.kernels._checks import (
+    check_dtype,
+    check_number,
+    check_rank,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+from mmfm.kernels._dispatch import resolve_backend, triton_available, triton_interpret
+
+try:  # Triton is optional: the reference path needs only PyTorch.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+__all__ = ["ssd_chunk_scan", "ssd_reference", "ssd_chunked_reference"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and shared pre-processing
+# ----------------------------------------------------------------------------------------------
+
+
+def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit):
+    check_rank("x", x, 4)
+    check_dtype("x", x)
+    b, seqlen, h, p = x.shape
+    check_shape("dt", dt, (b, seqlen, h), "(B, L, H) like x")
+    check_dtype("dt", dt)
+    check_shape("A", A, (h,), "(H,)")
+    check_rank("B", B, 4)
+    g, n = B.shape[2], B.shape[3]
+    check_shape("B", B, (b, seqlen, None, None), "(B, L, G, N)")
+    check_shape("C", C, (b, seqlen, g, n), "(B, L, G, N) like B")
+    check_dtype("B", B)
+    check_dtype("C", C)
+    if g == 0 or h % g != 0:
+        raise ValueError(
+            f"B has {g} groups (shape {tuple(B.shape)}); the number of heads H={h} must be divisible by it"
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if D is not None:
+        check_rank("D", D, (1, 2))
+        check_shape("D", D, (h,) if D.dim() == 1 else (h, p), "(H,) or (H, P)")
+    if z is not None:
+        check_shape("z", z, (b, seqlen, h, p), "(B, L, H, P) like x")
+    if dt_bias is not None:
+        check_shape("dt_bias", dt_bias, (h,), "(H,)")
+    if initial_states is not None:
+        check_shape("initial_states", initial_states, (b, h, p, n), "(B, H, P, N)")
+    if seq_idx is not None:
+        check_shape("seq_idx", seq_idx, (b, seqlen), "(B, L)")
+        if seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool:
+            raise ValueError(f"seq_idx must be an integer tensor, got dtype {seq_idx.dtype}")
+    if not (isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2):
+        raise ValueError(f"dt_limit must be a (min, max) pair, got {dt_limit!r}")
+    check_number("dt_limit[0]", dt_limit[0])
+    check_number("dt_limit[1]", dt_limit[1])
+    check_same_device(
+        x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx
+    )
+
+
+def _process_dt(dt: torch.Tensor, dt_bias, dt_softplus: bool, dt_limit) -> torch.Tensor:
+    """(B, L, H) -> fp32 time steps after bias, softplus and clamping (as mamba-ssm)."""
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    # mamba-ssm clamps only when a limit is set; clamping with (0, inf) would change negative dt.
+    if not (dt_limit[0] == 0.0 and dt_limit[1] == float("inf")):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
+def _gate(y: torch.Tensor, z) -> torch.Tensor:
+    if z is None:
+        return y
+    return y * F.silu(z.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch references (the specification)
+# ----------------------------------------------------------------------------------------------
+
+
+def ssd_reference(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int | None = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+):
+    """Sequential fp32 recurrence, one position at a time (the specification; ``chunk_size`` unused).
+
+    Shapes: x (B, L, H, P), dt (B, L, H), A (H,), B/C (B, L, G, N), D (H,) or (H, P), z like x,
+    initial_states (B, H, P, N), seq_idx (B, L). Returns y (B, L, H, P) in x's dtype and, if asked,
+    the final state (B, H, P, N) in fp32.
+    """
+    bsz, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    rep = nheads // ngroups
+    dtp = _process_dt(dt, dt_bias, dt_softplus, dt_limit)  # (B, L, H)
+    xf = x.float()
+    Bh = B.float().repeat_interleave(rep, dim=2)  # (B, L, H, N)
+    Ch = C.float().repeat_interleave(rep, dim=2)
+    Af = A.float()
+    if initial_states is not None:
+        state = initial_states.float().clone()
+    else:
+        state = x.new_zeros(bsz, nheads, headdim, dstate, dtype=torch.float32)
+    ys = []
+    for t in range(seqlen):
+        if seq_idx is not None and t > 0:
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).float()[:, None, None, None]
+            state = state * keep
+        decay = torch.exp(dtp[:, t] * Af)[:, :, None, None]  # (B, H, 1, 1)
+        state = state * decay + (dtp[:, t, :, None, None] * xf[:, t, :, :, None]) * Bh[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
+    y = torch.stack(ys, dim=1) if ys else xf.new_zeros(xf.shape)
+    if D is not None:
+        Df = D.float()
+        y = y + xf * (Df[:, None] if Df.dim() == 1 else Df)
+    y = _gate(y, z).to(x.dtype)
+    return (y, state) if return_final_states else y
+
+
+def ssd_chunked_reference(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+):
+    """The chunked SSD algorithm in plain PyTorch (fp32; same signature as :func:`ssd_reference`).
+
+    Loops over chunks (not positions), so it is much faster than the sequential reference on long
+    sequences; it is the algorithm the Triton kernels implement, written with einsums.
+    """
+    bsz, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    rep = nheads // ngroups
+    dtp = _process_dt(dt, dt_bias, dt_softplus, dt_limit)
+    xf, Af = x.float(), A.float()
+    Bh = B.float().repeat_interleave(rep, dim=2)
+    Ch = C.float().repeat_interleave(rep, dim=2)
+    sid = seq_idx if seq_idx is not None else torch.zeros(bsz, seqlen, dtype=torch.long, device=x.device)
+    state = (
+        initial_states.float().clone()
+        if initial_states is not None
+        else x.new_zeros(bsz, nheads, headdim, dstate, dtype=torch.float32)
+    )
+    ys = []
+    for start in range(0, seqlen, chunk_size):
+        end = min(start + chunk_size, seqlen)
+        a = dtp[:, start:end] * Af  # (B, Q, H)
+        cs = torch.cumsum(a, dim=1)
+        s_chunk = sid[:, start:end]
+        s_prev = sid[:, start - 1] if start > 0 else sid[:, 0]
+        same = s_chunk[:, :, None] == s_chunk[:, None, :]  # (B, Q, Q)
+        causal = torch.tril(torch.ones(end - start, end - start, dtype=torch.bool, device=x.device))
+        mask = (same & causal)[:, :, :, None]  # (B, l, s, 1)
+        diff = cs[:, :, None, :] - cs[:, None, :, :]  # (B, l, s, H)
+        decay = torch.where(mask, torch.exp(torch.where(mask, diff, torch.zeros_like(diff))), 0.0)
+        cb = torch.einsum("blhn,bshn->blsh", Ch[:, start:end], Bh[:, start:end])
+        xdt = xf[:, start:end] * dtp[:, start:end, :, None]
+        y = torch.einsum("blsh,bshp->blhp", cb * decay, xdt)
+        q = torch.exp(cs) * (s_chunk == s_prev[:, None]).float()[:, :, None]  # (B, Q, H)
+        y = y + torch.einsum("blhn,bhpn->blhp", Ch[:, start:end], state) * q[..., None]
+        ys.append(y)
+        s_end = s_chunk[:, -1]
+        r = torch.exp(cs[:, -1:, :] - cs) * (s_chunk == s_end[:, None]).float()[:, :, None]  # (B, Q, H)
+        new = torch.einsum("bshn,bshp->bhpn", Bh[:, start:end], xdt * r[..., None])
+        g = torch.exp(cs[:, -1]) * (s_end == s_prev).float()[:, None]  # (B, H)
+        state = state * g[:, :, None, None] + new
+    y = torch.cat(ys, dim=1) if ys else xf.new_zeros(xf.shape)
+    if D is not None:
+        Df = D.float()
+        y = y + xf * (Df[:, None] if Df.dim() == 1 else Df)
+    y = _gate(y, z).to(x.dtype)
+    return (y, state) if return_final_states else y
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_state_fwd(
+        x_ptr, b_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr,
+        L, H, NC, Q, P, N, HPG,
+        sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
+        HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+        BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        pid_bc = tl.program_id(0)
+        h = tl.program_id(1)
+        bi = (pid_bc // NC).to(tl.int64)  # 64-bit offsets: B*L*H*P can pass 2**31
+        c = pid_bc % NC
+        g = h // HPG
+        oq = tl.arange(0, BQ)
+        op = tl.arange(0, BP)
+        on = tl.arange(0, BN)
+        pos = c * Q + oq
+        valid = (oq < Q) & (pos < L)
+        dtc = dt_ptr + ((bi * H + h) * NC + c) * Q
+        dt = tl.load(dtc + oq, mask=oq < Q, other=0.0)
+        cs = tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + oq, mask=oq < Q, other=0.0)
+        cs_last = tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + Q - 1)
+        r = tl.exp(cs_last - cs) * dt
+        r = tl.where(valid, r, 0.0)
+        if HAS_SEQ:
+            sid = tl.load(sid_ptr + bi * ssb + pos * ssl, mask=valid, other=-1)
+            s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
+            r = tl.where(sid == s_end, r, 0.0)
+        xv = tl.load(
+            x_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
+            mask=valid[:, None] & (op[None, :] < P),
+            other=0.0,
+        )
+        bv = tl.load(
+            b_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
+            mask=valid[:, None] & (on[None, :] < N),
+            other=0.0,
+        )
+        xr = (xv.to(tl.float32) * r[:, None]).to(xv.dtype)
+        st = tl.dot(tl.trans(xr).to(DOT), bv.to(DOT), input_precision=PREC)  # (P, N)
+        out = st_ptr + (((bi * NC + c) * H + h) * P) * N
+        tl.store(out + op[:, None] * N + on[None, :], st, mask=(op[:, None] < P) & (on[None, :] < N))
+
+    @triton.jit
+    def _state_passing_fwd(
+        st_ptr, init_ptr, cs_ptr, sid_ptr, final_ptr,
+        L, H, NC, Q, PN, ssb, ssl,
+        HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # In place: st[c] (state made by chunk c) is replaced by the state ENTERING chunk c.
+        bi = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        o = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+        m = o < PN
+        if HAS_INIT:
+            s = tl.load(init_ptr + (bi * H + h) * PN + o, mask=m, other=0.0).to(tl.float32)
+        else:
+            s = tl.zeros((BLOCK,), dtype=tl.float32)
+        s_prev = 0
+        if HAS_SEQ:
+            s_prev = tl.load(sid_ptr + bi * ssb)
+        for c in range(NC):
+            ptr = st_ptr + ((bi * NC + c) * H + h) * PN + o
+            new = tl.load(ptr, mask=m, other=0.0)
+            tl.store(ptr, s, mask=m)
+            gdec = tl.exp(tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + Q - 1))
+            if HAS_SEQ:
+                s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
+                gdec = tl.where(s_end == s_prev, gdec, 0.0)
+                s_prev = s_end
+            s = gdec * s + new
+        tl.store(final_ptr + (bi * H + h) * PN + o, s, mask=m)
+
+    @triton.jit
+    def _chunk_scan_fwd(
+        x_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr, d_ptr, y_ptr,
+        L, H, NC, Q, P, N, HPG,
+        sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
+        HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+        BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        pid_bc = tl.program_id(0)
+        h = tl.program_id(1)
+        bi = (pid_bc // NC).to(tl.int64)  # 64-bit offsets: B*L*H*P can pass 2**31
+        c = pid_bc % NC
+        g = h // HPG
+        oq = tl.arange(0, BQ)
+        op = tl.arange(0, BP)
+        on = tl.arange(0, BN)
+        pos = c * Q + oq
+        valid = (oq < Q) & (pos < L)
+        base = ((bi * H + h) * NC + c) * Q
+        dt = tl.load(dt_ptr + base + oq, mask=oq < Q, other=0.0)
+        cs = tl.load(cs_ptr + base + oq, mask=oq < Q, other=0.0)
+        q = tl.where(valid, tl.exp(cs), 0.0)
+        causal = (oq[:, None] >= oq[None, :]) & valid[:, None] & valid[None, :]
+        if HAS_SEQ:
+            sid = tl.load(sid_ptr + bi * ssb + pos * ssl, mask=valid, other=-1)
+            s_prev = tl.load(sid_ptr + bi * ssb + tl.maximum(c * Q - 1, 0) * ssl)
+            q = tl.where(sid == s_prev, q, 0.0)
+            causal = causal & (sid[:, None] == sid[None, :])
+        xv = tl.load(
+            x_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
+            mask=valid[:, None] & (op[None, :] < P),
+            other=0.0,
+        )
+        cv = tl.load(
+            c_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
+            mask=valid[:, None] & (on[None, :] < N),
+            other=0.0,
+        )
+        bv = tl.load(
+            b_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
+            mask=valid[:, None] & (on[None, :] < N),
+            other=0.0,
+        )
+        st = tl.load(
+            st_ptr + (((bi * NC + c) * H + h) * P) * N + op[None, :] * N + on[:, None],
+            mask=(op[None, :] < P) & (on[:, None] < N),
+            other=0.0,
+        )  # (N, P): the entering state, transposed
+        acc = tl.dot(cv.to(DOT), st.to(cv.dtype).to(DOT), input_precision=PREC) * q[:, None]  # (Q, P)
+        cb = tl.dot(cv.to(DOT), tl.trans(bv).to(DOT), input_precision=PREC)  # (Q, Q)
+        diff = tl.where(causal, cs[:, None] - cs[None, :], float("-inf"))
+        mdec = cb * tl.exp(diff) * dt[None, :]
+        acc += tl.dot(mdec.to(xv.dtype).to(DOT), xv.to(DOT), input_precision=PREC)
+        if HAS_D:
+            dv = tl.load(d_ptr + h * P + op, mask=op < P, other=0.0).to(tl.float32)
+            acc += xv.to(tl.float32) * dv[None, :]
+        tl.store(
+            y_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=valid[:, None] & (op[None, :] < P),
+        )
+
+    @triton.jit
+    def _chunk_dstate_bwd(
+        dy_ptr, c_ptr, cs_ptr, sid_ptr, ds_ptr,
+        L, H, NC, Q, P, N, HPG,
+        sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
+        HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+        BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        # Gradient reaching chunk c's entering state directly from chunk c's outputs:
+        # dS[p, n] = sum_l q[l] dy[l, p] C[l, n].
+        pid_bc = tl.program_id(0)
+        h = tl.program_id(1)
+        bi = (pid_bc // NC).to(tl.int64)  # 64-bit offsets: B*L*H*P can pass 2**31
+        c = pid_bc % NC
+        g = h // HPG
+        oq = tl.arange(0, BQ)
+        op = tl.arange(0, BP)
+        on = tl.arange(0, BN)
+        pos = c * Q + oq
+        valid = (oq < Q) & (pos < L)
+        cs = tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + oq, mask=oq < Q, other=0.0)
+        q = tl.where(valid, tl.exp(cs), 0.0)
+        if HAS_SEQ:
+            sid = tl.load(sid_ptr + bi * ssb + pos * ssl, mask=valid, other=-1)
+            s_prev = tl.load(sid_ptr + bi * ssb + tl.maximum(c * Q - 1, 0) * ssl)
+            q = tl.where(sid == s_prev, q, 0.0)
+        dy = tl.load(
+            dy_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
+            mask=valid[:, None] & (op[None, :] < P),
+            other=0.0,
+        )
+        cv = tl.load(
+            c_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
+            mask=valid[:, None] & (on[None, :] < N),
+            other=0.0,
+        )
+        dyq = (dy.to(tl.float32) * q[:, None]).to(cv.dtype)
+        ds = tl.dot(tl.trans(dyq).to(DOT), cv.to(DOT), input_precision=PREC)
+        out = ds_ptr + (((bi * NC + c) * H + h) * P) * N
+        tl.store(out + op[:, None] * N + on[None, :], ds, mask=(op[:, None] < P) & (on[None, :] < N))
+
+    @triton.jit
+    def _state_passing_bwd(
+        ds_ptr, st_ptr, cs_ptr, sid_ptr, dfinal_ptr, dinit_ptr, dg_ptr,
+        L, H, NC, Q, PN, NBLK, ssb, ssl,
+        HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # Reverse pass over chunks. In place: ds[c] (direct gradient of chunk c's entering state)
+        # becomes the gradient of the state LEAVING chunk c (= of the state chunk c produces).
+        bi = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        blk = tl.program_id(2)
+        o = blk * BLOCK + tl.arange(0, BLOCK)
+        m = o < PN
+        if HAS_DFINAL:
+            d = tl.load(dfinal_ptr + (bi * H + h) * PN + o, mask=m, other=0.0).to(tl.float32)
+        else:
+            d = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(NC):
+            c = NC - 1 - i
+            ptr = ds_ptr + ((bi * NC + c) * H + h) * PN + o
+            direct = tl.load(ptr, mask=m, other=0.0)
+            tl.store(ptr, d, mask=m)
+            s_in = tl.load(st_ptr + ((bi * NC + c) * H + h) * PN + o, mask=m, other=0.0)
+            gdec = tl.exp(tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + Q - 1))
+            if HAS_SEQ:
+                s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
+                s_prev = tl.load(sid_ptr + bi * ssb + tl.maximum(c * Q - 1, 0) * ssl)
+                gdec = tl.where(s_end == s_prev, gdec, 0.0)
+            # d(loss)/d(cs_last of chunk c) through the decay g = exp(cs_last): g * <d, S_in>.
+            tl.store(dg_ptr + ((bi * H + h) * NC + c) * NBLK + blk, gdec * tl.sum(d * s_in, axis=0))
+            d = direct + gdec * d
+        tl.store(dinit_ptr + (bi * H + h) * PN + o, d, mask=m)
+
+    @triton.jit
+    def _chunk_scan_bwd(
+        x_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr, ds_ptr, d_ptr, dg_ptr, dy_ptr,
+        dx_ptr, db_ptr, dc_ptr, ddt_ptr, dcs_ptr, dd_ptr,
+        L, H, NC, Q, P, N, HPG,
+        sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
+        HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+        BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        # One program per (batch, chunk, head); dB and dC (shared by the heads of a group) are summed
+        # with fp32 atomics into zero-initialised buffers.
+        pid_bc = tl.program_id(0)
+        h = tl.program_id(1)
+        bi = (pid_bc // NC).to(tl.int64)
+        c = pid_bc % NC
+        g = h // HPG
+        oq = tl.arange(0, BQ)
+        op = tl.arange(0, BP)
+        on = tl.arange(0, BN)
+        pos = c * Q + oq
+        valid = (oq < Q) & (pos < L)
+        mqn = valid[:, None] & (on[None, :] < N)
+        mqp = valid[:, None] & (op[None, :] < P)
+        mpn = (op[:, None] < P) & (on[None, :] < N)
+        bv = tl.load(b_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :], mask=mqn, other=0.0)
+        cv = tl.load(c_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :], mask=mqn, other=0.0)
+        cb = tl.dot(cv.to(DOT), tl.trans(bv).to(DOT), input_precision=PREC)  # (Q, Q)
+        causal = (oq[:, None] >= oq[None, :]) & valid[:, None] & valid[None, :]
+        seq_ok_prev = valid
+        seq_ok_end = valid
+        if HAS_SEQ:
+            sid = tl.load(sid_ptr + bi * ssb + pos * ssl, mask=valid, other=-1)
+            s_prev = tl.load(sid_ptr + bi * ssb + tl.maximum(c * Q - 1, 0) * ssl)
+            s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
+            causal = causal & (sid[:, None] == sid[None, :])
+            seq_ok_prev = seq_ok_prev & (sid == s_prev)
+            seq_ok_end = seq_ok_end & (sid == s_end)
+        db_acc = tl.zeros((BQ, BN), dtype=tl.float32)
+        dc_acc = tl.zeros((BQ, BN), dtype=tl.float32)
+        base = ((bi * H + h) * NC + c) * Q
+        dt = tl.load(dt_ptr + base + oq, mask=oq < Q, other=0.0)
+        cs = tl.load(cs_ptr + base + oq, mask=oq < Q, other=0.0)
+        cs_last = tl.load(cs_ptr + base + Q - 1)
+        q = tl.where(seq_ok_prev, tl.exp(cs), 0.0)
+        rr = tl.where(seq_ok_end, tl.exp(cs_last - cs), 0.0)  # decay to the chunk end
+        xoff = bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :]
+        xv = tl.load(x_ptr + xoff, mask=mqp, other=0.0)
+        dy = tl.load(dy_ptr + xoff, mask=mqp, other=0.0)
+        soff = (((bi * NC + c) * H + h) * P) * N + op[:, None] * N + on[None, :]
+        s_in = tl.load(st_ptr + soff, mask=mpn, other=0.0)  # (P, N) state entering the chunk
+        ds = tl.load(ds_ptr + soff, mask=mpn, other=0.0)  # (P, N) grad of state leaving it
+        dcdt = dy.dtype
+        # Ordered so that at most three (Q, Q) tiles are live at once (register pressure).
+        mdec = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))  # (Q, Q)
+        # w[l, s] = decay * dt[s] * (dy[l] . x[s]): feeds dB, dC and the cumsum gradient.
+        w = mdec * tl.dot(dy.to(DOT), tl.trans(xv).to(DOT), input_precision=PREC) * dt[None, :]
+        db_acc += tl.dot(tl.trans(w.to(cv.dtype)).to(DOT), cv.to(DOT), input_precision=PREC)
+        dc_acc += tl.dot(w.to(bv.dtype).to(DOT), bv.to(DOT), input_precision=PREC)
+        t = cb * w
+        dcs = tl.sum(t, axis=1) - tl.sum(t, axis=0)
+        u = tl.dot(tl.trans((cb * mdec).to(dcdt)).to(DOT), dy.to(DOT), input_precision=PREC)  # (Q, P): sum_l M[l, s] dy[l, p]
+        v = tl.dot(bv.to(DOT), tl.trans(ds).to(bv.dtype).to(DOT), input_precision=PREC)  # (Q, P): B[s] . dS[p]
+        grad_pre = u + rr[:, None] * v
+        dxv = dt[:, None] * grad_pre
+        if HAS_D:
+            dv = tl.load(d_ptr + h * P + op, mask=op < P, other=0.0).to(tl.float32)
+            dxv += dv[None, :] * dy.to(tl.float32)
+            tl.store(
+                dd_ptr + ((bi * NC + c) * H + h) * P + op,
+                tl.sum(dy.to(tl.float32) * xv.to(tl.float32), axis=0),
+                mask=op < P,
+            )
+        tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=mqp)
+        xf = xv.to(tl.float32)
+        tl.store(ddt_ptr + base + oq, tl.sum(xf * grad_pre, axis=1), mask=oq < Q)
+        dc_acc += q[:, None] * tl.dot(dy.to(DOT), s_in.to(dy.dtype).to(DOT), input_precision=PREC)
+        # x @ dS : (Q, P) @ (P, N) -> contribution of each position to the state leaving the chunk
+        db_acc += (rr * dt)[:, None] * tl.dot(xv.to(DOT), ds.to(xv.dtype).to(DOT), input_precision=PREC)
+        yoff = tl.dot(cv.to(DOT), tl.trans(s_in).to(cv.dtype).to(DOT), input_precision=PREC) * q[:, None]  # (Q, P)
+        wst = rr * dt * tl.sum(xf * v, axis=1)  # (Q,)
+        dcs += tl.sum(dy.to(tl.float32) * yoff, axis=1) - wst
+        dg = tl.load(dg_ptr + (bi * H + h) * NC + c)
+        dcs += tl.where(oq == Q - 1, tl.sum(wst, axis=0) + dg, 0.0)
+        tl.store(dcs_ptr + base + oq, dcs, mask=oq < Q)
+        goff = bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :]
+        tl.atomic_add(db_ptr + goff, db_acc, mask=mqn)
+        tl.atomic_add(dc_ptr + goff, dc_acc, mask=mqn)
+
+
+def _dot_cfg(dtype: torch.dtype, dstate: int) -> dict:
+    """Operand dtype / precision of the kernels' tl.dot.
+
+    fp32 inputs use exact fp32 products (no tf32) so fp32 results match the reference tightly; the
+    interpreter also gets fp32 operands because its tl.dot mis-reads bf16 ones (triton 3.x). States
+    smaller than 32 also take the fp32 path: on an H100 (triton 3.6) the bf16 backward gave wrong dx
+    for N = 16 while fp32 operands were correct (tests/kernels/test_ssd.py::test_gpu_grid).
+    """
+    if dtype == torch.float32 or triton_interpret() or dstate < 32:
+        return {"DOT": tl.float32, "PREC": "ieee"}
+    return {"DOT": tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, "PREC": "tf32"}
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _launch_cfg(q: int, p: int, n: int) -> dict:
+    # Bigger tiles need more warps to keep the per-thread register footprint bounded.
+    work = _pow2(q) * max(_pow2(q), _pow2(p), _pow2(n))
+    # num_stages=1: the only loops walk chunks or heads; pipelining their loads would multiply the
+    # shared memory of the (Q, P) / (P, N) tiles without hiding much latency.
+    return {"num_warps": 8 if work >= 128 * 64 else 4, "num_stages": 1}
+
+
+class _SSDChunkScanFn(torch.autograd.Function):
+    """Core chunked scan on pre-processed inputs.
+
+    Inputs: x (B, L, H, P), dtc (B, H, NC, Q) fp32 time steps padded to whole chunks, cs (B, H, NC, Q)
+    fp32 per-chunk cumulative sum of ``dtc * A``, B/C (B, L, G, N), D (H, P) fp32 or None,
+    initial_states (B, H, P, N) or None, seq_idx (B, L) int32 or None.
+    Returns y (B, L, H, P) in x's dtype (with the D skip, without the z gate) and the final state fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dtc, cs, B, C, D, initial_states, seq_idx, chunk_size):
+        bsz, seqlen, nheads, headdim = x.shape
+        ngroups, dstate = B.shape[2], B.shape[3]
+        nchunks = dtc.shape[2]
+        hpg = nheads // ngroups
+        dot = _dot_cfg(x.dtype, dstate)
+        BQ, BP, BN = _pow2(chunk_size), _pow2(headdim), _pow2(dstate)
+        cfg = _launch_cfg(chunk_size, headdim, dstate)
+        has_seq = seq_idx is not None
+        sid = seq_idx if has_seq else dtc  # dummy pointer when unused
+        ssb, ssl = (seq_idx.stride(0), seq_idx.stride(1)) if has_seq else (0, 0)
+        xs = (x.stride(0), x.stride(1), x.stride(2))
+        bs = (B.stride(0), B.stride(1), B.stride(2))
+        states = torch.empty(bsz, nchunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
+        grid = (bsz * nchunks, nheads)
+        _chunk_state_fwd[grid](
+            x, B, dtc, cs, sid, states, seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg,
+            *xs, *bs, ssb, ssl, HAS_SEQ=has_seq, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
+        )  # fmt: skip
+        final = torch.empty(bsz, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
+        pn = headdim * dstate
+        block = min(1024, triton.next_power_of_2(pn))
+        has_init = initial_states is not None
+        _state_passing_fwd[(bsz, nheads, triton.cdiv(pn, block))](
+            states, initial_states if has_init else final, cs, sid, final,
+            seqlen, nheads, nchunks, chunk_size, pn, ssb, ssl,
+            HAS_INIT=has_init, HAS_SEQ=has_seq, BLOCK=block, num_stages=1,
+        )  # fmt: skip
+        y = torch.empty_like(x)
+        has_d = D is not None
+        _chunk_scan_fwd[grid](
+            x, B, C, dtc, cs, sid, states, D if has_d else dtc, y,
+            seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
+            HAS_SEQ=has_seq, HAS_D=has_d, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
+        )  # fmt: skip
+        ctx.save_for_backward(x, dtc, cs, B, C, D, seq_idx, states)
+        ctx.chunk_size = chunk_size
+        ctx.has_init = has_init
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dtc, cs, B, C, D, seq_idx, states = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        bsz, seqlen, nheads, headdim = x.shape
+        ngroups, dstate = B.shape[2], B.shape[3]
+        nchunks = dtc.shape[2]
+        hpg = nheads // ngroups
+        dot = _dot_cfg(x.dtype, dstate)
+        BQ, BP, BN = _pow2(chunk_size), _pow2(headdim), _pow2(dstate)
+        cfg = _launch_cfg(chunk_size, headdim, dstate)
+        has_seq = seq_idx is not None
+        sid = seq_idx if has_seq else dtc
+        ssb, ssl = (seq_idx.stride(0), seq_idx.stride(1)) if has_seq else (0, 0)
+        if dy is None:
+            dy = torch.zeros_like(x)
+        dy = dy.to(x.dtype).contiguous()
+        xs = (x.stride(0), x.stride(1), x.stride(2))
+        bs = (B.stride(0), B.stride(1), B.stride(2))
+        grid = (bsz * nchunks, nheads)
+        dstates = torch.empty_like(states)
+        _chunk_dstate_bwd[grid](
+            dy, C, cs, sid, dstates, seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg,
+            *xs, *bs, ssb, ssl, HAS_SEQ=has_seq, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
+        )  # fmt: skip
+        pn = headdim * dstate
+        block = min(1024, triton.next_power_of_2(pn))
+        nblk = triton.cdiv(pn, block)
+        dinit = torch.empty(bsz, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
+        dg = torch.empty(bsz, nheads, nchunks, nblk, device=x.device, dtype=torch.float32)
+        has_dfinal = dfinal is not None
+        _state_passing_bwd[(bsz, nheads, nblk)](
+            dstates, states, cs, sid, dfinal.float().contiguous() if has_dfinal else dinit, dinit, dg,
+            seqlen, nheads, nchunks, chunk_size, pn, nblk, ssb, ssl,
+            HAS_DFINAL=has_dfinal, HAS_SEQ=has_seq, BLOCK=block, num_stages=1,
+        )  # fmt: skip
+        dg = dg.sum(-1).contiguous()
+        dx = torch.empty_like(x)
+        dB = torch.zeros(B.shape, device=x.device, dtype=torch.float32)
+        dC = torch.zeros(C.shape, device=x.device, dtype=torch.float32)
+        ddt = torch.empty_like(dtc)
+        dcs = torch.empty_like(cs)
+        has_d = D is not None
+        dD = (
+            torch.empty(bsz, nchunks, nheads, headdim, device=x.device, dtype=torch.float32)
+            if has_d
+            else None
+        )
+        _chunk_scan_bwd[(bsz * nchunks, nheads)](
+            x, B, C, dtc, cs, sid, states, dstates, D if has_d else dtc, dg, dy,
+            dx, dB, dC, ddt, dcs, dD if has_d else dtc,
+            seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
+            HAS_SEQ=has_seq, HAS_D=has_d, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
+        )  # fmt: skip
+        dD_out = dD.sum((0, 1)) if has_d else None
+        return (
+            dx, ddt, dcs, dB.to(B.dtype), dC.to(C.dtype), dD_out,
+            dinit if ctx.has_init else None, None, None,
+        )  # fmt: skip
+
+
+def _ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit):
+    bsz, seqlen, nheads, headdim = x.shape
+    nchunks = max(1, math.ceil(seqlen / chunk_size))
+    pad = nchunks * chunk_size - seqlen
+    dtp = _process_dt(dt, dt_bias, dt_softplus, dt_limit)  # (B, L, H) fp32
+    # Padded positions get dt = 0: no decay and no input, so chunk sums are unaffected.
+    dtc = F.pad(dtp, (0, 0, 0, pad)).view(bsz, nchunks, chunk_size, nheads).permute(0, 3, 1, 2)
+    dtc = dtc.contiguous()
+    cs = torch.cumsum(dtc * A.float()[None, :, None, None], dim=-1)
+    x_c = x.contiguous()
+    if D is not None:
+        D_hp = D.float()[:, None].expand(nheads, headdim) if D.dim() == 1 else D.float()
+        D_hp = D_hp.contiguous()
+    else:
+        D_hp = None
+    init = initial_states.float().contiguous() if initial_states is not None else None
+    sid = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    y, final = _SSDChunkScanFn.apply(
+        x_c, dtc, cs, B.contiguous(), C.contiguous().to(B.dtype), D_hp, init, sid, chunk_size
+    )
+    if z is not None:
+        y = (y.float() * F.silu(z.float())).to(x.dtype)
+    return y, final
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+    backend: str = "auto",
+):
+    """Mamba-2 SSD scan, drop-in for mamba-ssm's ``mamba_chunk_scan_combined``.
+
+    Args:
+        x: (B, L, H, P) inputs. dt: (B, L, H) time steps (before ``dt_bias``/softplus/clamp).
+        A: (H,) decay rates (negative). B, C: (B, L, G, N) input/output projections, H % G == 0.
+        chunk_size: chunk length of the SSD algorithm (any L is accepted).
+        D: (H,) or (H, P) skip. z: (B, L, H, P) gate, out = y * silu(z). dt_bias: (H,).
+        initial_states: (B, H, P, N) state before position 0. seq_idx: (B, L) int, non-decreasing
+            along L; the state resets wherever it changes (packed sequences).
+        dt_softplus, dt_limit: as mamba-ssm. return_final_states: also return the state (B, H, P, N).
+        backend: "auto" | "reference" | "triton" (see ``mmfm.kernels._dispatch``).
+
+    Returns:
+        y (B, L, H, P) in x's dtype, and the final state (B, H, P, N) fp32 if ``return_final_states``.
+    """
+    check_tensor("x", x)
+    _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_limit)
+    available = ("triton",) if (triton is not None and triton_available()) else ()
+    chosen = resolve_backend(backend, x.device, available)
+    if chosen == "reference" or x.shape[1] == 0:
+        return ssd_chunked_reference(
+            x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+            seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit,
+            return_final_states=return_final_states,
+        )  # fmt: skip
+    y, final = _ssd_triton(
+        x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit
+    )
+    return (y, final) if return_final_states else y
