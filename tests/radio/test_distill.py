@@ -1,0 +1,346 @@
+"""Distillation trainer (mmfm.radio.distill): one step per loss / normaliser / balancing option, mosaic
+stitching against a manual reference, exact in-process resume, export -> mmfm.radio.load round trip."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mmfm.logging_utils import read_jsonl
+from mmfm.radio.distill import (
+    BalancingConfig,
+    DataConfig,
+    LossConfig,
+    NormalizerSchedule,
+    PartitionConfig,
+    RadioTrainConfig,
+    StepPlan,
+    StudentConfig,
+    TargetMaker,
+    TeacherInfo,
+    build_batch,
+    build_upsamplers,
+    fit_normalizers_initial,
+    plan_step,
+    setup,
+    stitch_tiles,
+    teacher_space_predictor,
+    train,
+)
+from mmfm.radio.teachers import TeacherSpec
+from mmfm.training import Engine, EngineConfig, OptimizerConfig
+
+
+def _vit(name: str, width: int, patch: int, input_size: int, **kw) -> TeacherSpec:
+    """A tiny random-init timm ViT teacher."""
+    return TeacherSpec(name=name, family="timm", model_name="vit_tiny_patch16_224", input_size=input_size,
+                       model_kwargs={"embed_dim": width, "depth": 1, "num_heads": 2, "patch_size": patch,
+                                     "dynamic_img_size": True}, **kw)
+
+
+def _sam(name: str, width: int, input_size: int, **kw) -> TeacherSpec:
+    """A tiny random-init timm SAM ViT teacher (NCHW neck output, no summary)."""
+    return TeacherSpec(name=name, family="timm", model_name="samvit_base_patch16", input_size=input_size,
+                       use_summary=False, model_kwargs={"embed_dim": 16, "depth": 1, "num_heads": 2,
+                                                        "global_attn_indexes": [0], "window_size": 2,
+                                                        "neck_chans": width}, **kw)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from mmfm.data.synth import write_synthetic
+
+    d = tmp_path_factory.mktemp("imgs")
+    write_synthetic("images", 48, d / "train", seed=0, image_size=64, samples_per_shard=24)
+    write_synthetic("images", 8, d / "eval", seed=1, image_size=64)
+    return d
+
+
+def _cfg(shards, **kw) -> RadioTrainConfig:
+    cfg = RadioTrainConfig(
+        seed=0,
+        teachers=[_vit("a", 24, 16, 32), _vit("b", 16, 8, 32, match_student_resolution=True),
+                  _sam("c", 16, 64, partitions=["high"])],
+        student=StudentConfig(size="tiny", patch_size=16, num_registers=1, adaptor_hidden=32,
+                              overrides={"max_resolution": 128}),
+        data=DataConfig(train_shards=str(shards / "train"), shuffle_buffer=8),
+        partitions=[PartitionConfig("low", [32, 48], 0.5, 4),
+                    PartitionConfig("high", [64], 0.5, 2, mosaic_k=2, mosaic_prob=0.5)],
+        normalizer_schedule=NormalizerSchedule(init_batches=2, refit_every=2, refit_until=4),
+        engine=EngineConfig(optimizer=OptimizerConfig(lr=1e-3, warmup_steps=2, total_steps=8)),
+        steps=4, ckpt_every=2, export=False)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _one_step(cfg: RadioTrainConfig, plan: StepPlan) -> tuple[dict, nn.Module, dict]:
+    teachers, infos, model, norms = setup(cfg)
+    maker = TargetMaker(cfg, teachers, infos, norms, torch.device("cpu"), build_upsamplers(cfg, teachers))
+    fit_normalizers_initial(cfg, maker)
+    before = copy.deepcopy(model.state_dict())
+    engine = Engine.from_config(model, cfg.engine)
+    from mmfm.radio.distill import SampleStream, samples_needed
+
+    stream = SampleStream(cfg.data.train_shards, 0, 0)
+    images, units = build_batch(stream.take(samples_needed(cfg, plan)), plan, cfg.student.patch_size)
+    raw = maker.teacher_outputs(plan, units)
+    out = engine.forward(images, maker.targets(plan, raw))
+    engine.backward(out["loss"])
+    engine.step()
+    return out, model, before
+
+
+@pytest.mark.parametrize("feature,normalizer,balancing,match", [
+    ("mse", "phi_s", "fixed", "teacher_to_student"),
+    ("cos_smoothl1", "phi_s", "adaloss", "student_to_teacher"),
+    ("mse", "identity", "uncertainty", "teacher_to_student"),
+    ("mse", "channel", "fixed", "student_to_teacher"),
+])
+@pytest.mark.parametrize("mosaic", [False, True])
+def test_one_step_per_option(shards, feature, normalizer, balancing, match, mosaic):
+    cfg = _cfg(shards, normalizer=normalizer, loss=LossConfig(feature=feature, match=match),
+               balancing=BalancingConfig(kind=balancing))
+    plan = StepPlan(1, (64, 64), 2) if mosaic else StepPlan(0, (48, 48), 1)
+    out, model, before = _one_step(cfg, plan)
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    # the partition's teachers give the terms: mosaic drops the summaries, "c" only trains on "high"
+    expect = {"a/feature", "b/feature"} | ({"c/feature"} if mosaic else {"a/summary", "b/summary"})
+    assert {k[len("loss/"):] for k in out if k.startswith("loss/")} == expect
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("encoder.student.blocks") for k in changed)
+    assert any(k.startswith("encoder.adaptors.a.feature") for k in changed)
+
+
+def test_featsharp_teacher_gives_finer_targets(shards, tmp_path):
+    from mmfm.radio.distill import build_teachers
+    from mmfm.radio.featsharp import FeatSharpUpsampler
+
+    cfg = _cfg(shards, teachers=[_vit("a", 24, 16, 32)])
+    FeatSharpUpsampler(build_teachers(cfg)["a"], 2).save(str(tmp_path / "fs.safetensors"))
+    cfg.teachers[0].featsharp_checkpoint = str(tmp_path / "fs.safetensors")
+    with pytest.raises(ValueError, match="upsample_factor"):
+        _one_step(cfg, StepPlan(0, (48, 48), 1))
+    cfg.teachers[0].upsample_factor = 2
+    out, model, before = _one_step(cfg, StepPlan(0, (48, 48), 1))
+    assert torch.isfinite(out["loss"]) and "loss/a/feature" in out
+    assert not torch.equal(model.state_dict()["encoder.adaptors.a.feature.final.2.weight"],
+                           before["encoder.adaptors.a.feature.final.2.weight"])
+    assert model.encoder.adaptors["a"].upsample_factor == 2  # pixel-shuffle head: (48/16 * 2)^2 tokens
+    assert model(torch.rand(1, 3, 48, 48), {})["loss"].shape == ()
+
+
+def test_refit_carries_adaptors_to_the_new_normalised_space(shards):
+    from mmfm.radio.distill import SampleStream, samples_needed
+
+    cfg = _cfg(shards, normalizer="phi_s")
+    teachers, infos, model, norms = setup(cfg)
+    maker = TargetMaker(cfg, teachers, infos, norms, torch.device("cpu"))
+    fit_normalizers_initial(cfg, maker)
+    model.eval()
+    x = torch.rand(2, 3, 48, 48)
+    predict = teacher_space_predictor(model.encoder, norms)
+    before = predict(x)
+    stream = SampleStream(cfg.data.train_shards, 0, 5)
+    for plan in (StepPlan(1, (64, 64), 1), StepPlan(0, (32, 32), 1)):
+        _, units = build_batch(stream.take(samples_needed(cfg, plan)), plan, 16)
+        maker.observe(maker.teacher_outputs(plan, units))
+    old_t = {n: v.transform.clone() for n, v in norms.items()}
+    maker.fit(model.encoder.adaptors)
+    after = predict(x)
+    for name in ("a", "b", "c"):
+        assert not torch.allclose(norms[name].transform, old_t[name])  # the refit moved the target space
+        torch.testing.assert_close(after[name][1], before[name][1], rtol=1e-4, atol=1e-4)
+
+
+def test_stitch_tiles_matches_manual_reference():
+    k, b, c, h, w = 3, 2, 5, 4, 3
+    tiles = torch.randn(b * k * k, c, h, w)
+    got = stitch_tiles(tiles, k)
+    ref = torch.zeros(b, c, k * h, k * w)
+    for bi in range(b):
+        for i in range(k * k):
+            r, col = divmod(i, k)
+            ref[bi, :, r * h:(r + 1) * h, col * w:(col + 1) * w] = tiles[bi * k * k + i]
+    assert torch.equal(got, ref)
+
+
+class _PatchMeanTeacher(nn.Module):
+    """Test double: features = per-patch mean colour x a fixed matrix (purely local), summary = image mean."""
+
+    def __init__(self, patch: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.mix = nn.Parameter(torch.randn(6, 3), requires_grad=False)
+
+    def forward(self, x):
+        f = nn.functional.avg_pool2d(x, self.patch)  # (B, 3, h, w)
+        return x.mean((2, 3)) @ self.mix.T, torch.einsum("oc,bchw->bohw", self.mix, f)
+
+
+def test_mosaic_targets_are_placed_tile_by_tile(shards):
+    # A local teacher on each tile, stitched, must equal the same teacher run on the whole mosaic (the tiles
+    # align with its patches), and the summary targets must be dropped.
+    cfg = _cfg(shards, teachers=[_vit("t", 8, 16, 32, match_student_resolution=True)], normalizer="identity")
+    plan = StepPlan(1, (64, 64), 2)
+    from mmfm.radio.distill import SampleStream
+
+    samples = SampleStream(cfg.data.train_shards, 0, 0).take(2 * 4)
+    images, units = build_batch(samples, plan, 16)
+    assert images.shape == (2, 3, 64, 64) and units.shape == (8, 3, 32, 32)
+    assert torch.equal(images[1, :, 32:, :32], units[4 + 2])  # tile 2 (row 1, col 0) of image 1
+    teacher = _PatchMeanTeacher(16)
+    maker = TargetMaker(cfg, {"t": teacher}, {"t": TeacherInfo(3, 6, 16)}, {}, torch.device("cpu"))
+    targets = maker.targets(plan, maker.teacher_outputs(plan, units))
+    assert set(targets["t"]) == {"features"}
+    _, whole = teacher(images)
+    torch.testing.assert_close(targets["t"]["features"], whole, rtol=0, atol=1e-6)
+
+
+def test_plan_is_deterministic_and_follows_probabilities(shards):
+    cfg = _cfg(shards)
+    plans = [plan_step(cfg, s) for s in range(400)]
+    assert plans == [plan_step(cfg, s) for s in range(400)]
+    high = [p for p in plans if p.partition == 1]
+    assert 0.4 < len(high) / 400 < 0.6
+    assert all(p.resolution == (64, 64) for p in high)
+    assert 0.3 < sum(p.is_mosaic for p in high) / len(high) < 0.7
+    assert {p.resolution for p in plans if p.partition == 0} == {(32, 32), (48, 48)}
+    assert not any(p.is_mosaic for p in plans if p.partition == 0)
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu", "vit-b16-clip-dino-sam"])
+def test_recipes_parse(name):
+    from pathlib import Path
+
+    from mmfm.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(RadioTrainConfig, root / "configs" / "radio" / f"{name}.yaml")
+    cfg.validate()
+    assert len(cfg.teachers) == 3 and {t.family for t in cfg.teachers} >= {"open_clip", "timm"}
+
+
+def test_config_errors_name_the_field(shards):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _cfg(shards, partitions=[PartitionConfig("high", [48], 1.0, 2, mosaic_k=2, mosaic_prob=1.0)]).validate()
+    with pytest.raises(ValueError, match="unknown partitions"):
+        _cfg(shards, partitions=[PartitionConfig("low", [32], 1.0, 2)]).validate()
+    with pytest.raises(ValueError, match="teachers is empty"):
+        _cfg(shards, teachers=[]).validate()
+
+
+def test_resume_is_exact_in_process(shards, tmp_path):
+    cfg = _cfg(shards, steps=6)
+    train(cfg, tmp_path / "ref", progress=False)
+    short = _cfg(shards, steps=3, ckpt_every=3)
+    train(short, tmp_path / "run", progress=False)
+    random.seed(123)
+    torch.manual_seed(123)  # the resume must not depend on the RNG state of the process
+    train(cfg, tmp_path / "run", resume=True, progress=False)
+    ref = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    got = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(6))
+    for r, g in zip(ref, got):
+        assert set(r) == set(g)
+        for key in r:
+            if key != "img_per_s":
+                assert g[key] == pytest.approx(r[key], abs=1e-6, rel=0), (r["step"], key)
+
+
+def test_export_loads_with_same_adaptor_outputs(shards, tmp_path):
+    from mmfm.radio.encoder import load
+
+    cfg = _cfg(shards, steps=2, export=True)
+    train(cfg, tmp_path / "run", progress=False)
+    # rebuild the live model from the last checkpoint and compare with both exports
+    from mmfm.radio.train_cli import export_checkpoint
+
+    teachers, infos, model, norms = setup(cfg)
+    from mmfm.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints", restore_rng=False)
+    model.load_state_dict(ck.tensors["model"])
+    for n, v in norms.items():
+        v.load_state_dict(ck.rank_state["normalizers"][n])
+    model.eval()
+    x = torch.rand(2, 3, 48, 48)
+    ref = teacher_space_predictor(model.encoder, norms)(x)
+    paths = export_checkpoint(tmp_path / "run", tmp_path / "exp")
+    for where in (tmp_path / "run" / "model", paths["model"], paths["hf"]):
+        enc = load(where, adaptors="all")
+        out = enc(x, feature_fmt="NCHW")
+        for name in ("a", "b", "c"):
+            for got, want in zip(out[name], ref[name]):
+                if want is None:
+                    assert got is None
+                else:
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ launches (slow)
+def _launch_env():
+    import os
+
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+@pytest.mark.slow
+def test_deepspeed_launch_kill_resume_is_identical(shards, tmp_path):
+    """Two CPU processes under ZeRO-2: the uninterrupted reference under torchrun, then the `deepspeed
+    --num_gpus 2` launcher runs, checkpoints, gets SIGKILLed after step 3, resumes and continues with the
+    reference's per-step losses."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("deepspeed")
+    from mmfm.distributed import find_free_port
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "scripts" / "train_radio.py"
+    common = ["--config", str(root / "configs" / "radio" / "tiny-cpu.yaml"), "--no-progress",
+              "--deepspeed", str(root / "configs" / "deepspeed" / "zero2.json"),
+              f"data.train_shards={shards / 'train'}", "data.eval_shards=null", "data.shuffle_buffer=8",
+              "steps=6", "ckpt_every=2", "export=false", "normalizer_schedule.refit_every=2",
+              "normalizer_schedule.init_batches=2", "engine.optimizer.total_steps=6",
+              "engine.optimizer.warmup_steps=2"]
+
+    def run(cmd):
+        return subprocess.run(cmd, cwd=root, env=_launch_env(), capture_output=True, text=True, timeout=600)
+
+    def check(p):
+        assert p.returncode == 0, f"launch failed (rc={p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(find_free_port()), str(script)]
+    check(run([*torchrun, "--out", str(tmp_path / "ref"), *common]))
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    ds = [launcher, "--num_gpus", "2", "--master_port", str(find_free_port()), str(script)]
+    killed = run([*ds, "--out", str(tmp_path / "run"), *common, "--crash-after", "3"])
+    assert killed.returncode != 0, "the --crash-after run should have died from SIGKILL"
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_00000002"]
+    ds[4] = str(find_free_port())
+    resumed = run([*ds, "--out", str(tmp_path / "run"), *common, "--resume"])
+    check(resumed)
+    assert "resumed from" in resumed.stdout and "step_00000002" in resumed.stdout
+    ref = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
+    got = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(6))
+    for r, g in zip(ref, got):
+        for key in r:
+            if key != "img_per_s":
+                assert g[key] == pytest.approx(r[key], abs=1e-6, rel=0), (r["step"], key)
+    ck = tmp_path / "run" / "checkpoints" / "step_00000006"
+    for name in ("rank00000.pt", "rank00001.pt", "model.safetensors", "meta.json"):
+        assert (ck / name).is_file()
+    assert (ck / "deepspeed").is_dir()
