@@ -1,9 +1,10 @@
 """``mmfm radio ...`` command line.
 
-Commands: ``extract`` (batched feature extraction to safetensors / npy) and ``pca`` (PCA-to-RGB picture).
-Each command is one ``register_<name>(sub)`` function; to add a command (``train``, ``eval``, ``featsharp``),
-write ``register_<name>(sub)`` (here or in its own module, importing heavy modules inside the handler) and add
-one call to it in ``register``.
+Commands: ``extract`` (batched feature extraction to safetensors / npy), ``pca`` (PCA-to-RGB picture),
+``train`` / ``eval`` / ``export`` (distillation, :mod:`mmfm.radio.train_cli`) and ``featsharp train|apply``
+(FeatSharp upsamplers, :mod:`mmfm.radio.featsharp_cli`).
+Each command is one ``register_<name>(sub)`` function; to add a command, write ``register_<name>(sub)`` (here
+or in its own module, importing heavy modules inside the handler) and add one call to it in ``register``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,20 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("radio", help="RADIO-style vision encoders: extract features, PCA pictures, ...",
+    """Add ``mmfm radio`` and its commands to the top-level ``subparsers``."""
+    # imported here, not at the top: featsharp_cli imports this module's helpers
+    from mmfm.radio.featsharp_cli import register_featsharp
+    from mmfm.radio.train_cli import register_subcommands
+
+    p = subparsers.add_parser("radio", help="RADIO-style vision encoders: extract features, PCA pictures, "
+                                            "distillation, FeatSharp upsamplers",
                               description="Agglomerative vision encoders (RADIO family).")
     p.set_defaults(area_parser=p)
     sub = p.add_subparsers(dest="radio_command", metavar="COMMAND")
     register_extract(sub)
     register_pca(sub)
+    register_subcommands(sub)
+    register_featsharp(sub)
 
 
 # ---- shared options and helpers

@@ -81,6 +81,22 @@ def test_radio_help(capsys):
     assert "extract" in out and "pca" in out
 
 
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["export"], ["featsharp"], ["featsharp", "train"],
+                                     ["featsharp", "apply"]])
+def test_radio_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["radio", *command, "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mmfm radio {' '.join(command)}")
+    if command == ["featsharp"]:
+        assert main(["radio", "featsharp"]) == 0  # the group alone prints its help
+        out = capsys.readouterr().out
+        assert "train" in out and "apply" in out
+        assert main(["radio"]) == 0
+        out = capsys.readouterr().out
+        assert all(f"    {c} " in out or f"    {c}\n" in out for c in ("train", "eval", "export", "featsharp"))
+
+
 def test_extract_bad_input(tmp_path, model_dir, capsys):
     rc = main(["radio", "extract", "--model", str(model_dir), "--input", str(tmp_path / "none"), "--out",
                str(tmp_path / "o.safetensors")])
