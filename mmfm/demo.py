@@ -13,11 +13,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmfm.radio.distill import RadioTrainConfig
 
 log = logging.getLogger("mmfm.demo")
 # Recipes ship inside the package folder tree (configs/ at the repository root).
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Side of the synthetic "images" shards the RADIO stage distils on (the largest partition resolution).
+RADIO_IMAGE_SIZE = 128
 
 
 def recipe(name: str) -> Path | None:
@@ -46,7 +51,8 @@ def stage_data(ctx: DemoContext) -> dict[str, Any]:
     from mmfm.data.synth import write_synthetic
 
     counts = {"images": ctx.size(64, 1024), "regions": ctx.size(16, 256), "vqa": ctx.size(64, 4096)}
-    sizes = {"images": None, "regions": 512, "vqa": None}
+    # images: the RADIO recipe's resolution (configs/radio/tiny-cpu.yaml: partitions up to 128 px)
+    sizes = {"images": RADIO_IMAGE_SIZE, "regions": 512, "vqa": None}
     figures: dict[str, Any] = {}
     for kind, n in counts.items():
         start = time.perf_counter()
@@ -59,6 +65,166 @@ def stage_data(ctx: DemoContext) -> dict[str, Any]:
             raise RuntimeError(f"wrote {n} {kind} samples but read back {read_back}")
         figures[kind] = {"samples": n, "shards": len(shards), "write_samples_per_s": round(n / seconds, 1)}
     return figures
+
+
+def stage_radio(ctx: DemoContext) -> dict[str, Any]:
+    """Distil a tiny student from the three tiny random-init teachers of ``radio/tiny-cpu.yaml`` (PHI-S,
+    multi-resolution partitions, mosaic) on the synthetic image shards; held-out cosine similarity to every
+    teacher before and after training, a PCA picture of the dense features and the loss curves."""
+    from mmfm.config import load_config
+    from mmfm.data.synth import write_synthetic
+    from mmfm.radio.distill import RadioTrainConfig, train
+
+    held_out = ctx.out / "data" / "images-test"
+    n_eval = ctx.size(16, 48)
+    write_synthetic("images", n_eval, held_out, seed=ctx.seed + 3000, image_size=RADIO_IMAGE_SIZE)
+    steps = ctx.size(12, 300)
+    sched = ctx.size(5, 25)  # normaliser refits: a few in the smoke run too
+    cfg = load_config(RadioTrainConfig, recipe("radio/tiny-cpu.yaml"), [
+        f"data.train_shards={ctx.out / 'data' / 'images'}", f"data.eval_shards={held_out}",
+        f"data.eval_images={n_eval}", f"steps={steps}", f"ckpt_every={steps}", f"seed={ctx.seed}",
+        f"normalizer_schedule.refit_every={sched}",
+        f"normalizer_schedule.refit_until={min(8 * sched, steps)}",
+        f"engine.optimizer.total_steps={steps}", f"engine.optimizer.warmup_steps={min(20, steps // 5)}"])
+    run = ctx.out / "radio"
+    result = train(cfg, run, resume=False, progress=True)
+    student_dir = result["export"]["model"]
+    pictures = ctx.out / "pictures"
+    draw_feature_pca(cfg, student_dir, held_out, pictures / "radio_pca.png")
+    terms = ["loss"] + sorted(k for k in result["final"] if k.startswith("loss/"))
+    plot_stage_losses(run, pictures / "loss_radio.png", terms, title="RADIO distillation", logy=True)
+    return {"steps": steps, "teachers": [t.name for t in cfg.teachers],
+            "held_out_cos": held_out_cosines(cfg, result["eval_before"], result["eval_after"]),
+            "student_dir": student_dir}
+
+
+def teacher_resolutions(cfg: RadioTrainConfig) -> dict[str, list[int]]:
+    """The student resolutions every teacher is distilled at (its partitions' resolutions; all if none)."""
+    out = {}
+    for t in cfg.teachers:
+        parts = [q for q in cfg.partitions if not t.partitions or q.name in t.partitions]
+        res = {int(r) for q in parts for r in q.resolutions}
+        out[t.name] = sorted(res)
+    return out
+
+
+def held_out_cosines(cfg: RadioTrainConfig, before: dict[str, Any], after: dict[str, Any]
+                     ) -> dict[str, dict[str, Any]]:
+    """``{teacher: {metric: {"before", "after"}}}`` from the trainer's fidelity tables, averaged over the
+    evaluation resolutions the teacher was trained at (``"at"``): summary and feature cosine similarity, and
+    both again after removing the teacher's mean over the held-out set (``*_centered``: a random-init
+    teacher's outputs share a large mean, which alone makes the plain cosine look high)."""
+    metrics = ("summary_cos", "summary_cos_centered", "feature_cos", "feature_cos_centered")
+    out: dict[str, dict[str, Any]] = {}
+    for name, resolutions in teacher_resolutions(cfg).items():
+        keys = [str(r) for r in resolutions if str(r) in before and str(r) in after] or list(before)
+        row: dict[str, Any] = {"at": [int(k) for k in keys]}
+        for m in metrics:
+            vals = [(before[k][name][m], after[k][name][m]) for k in keys if m in before[k].get(name, {})]
+            if vals:
+                row[m] = {"before": round(sum(v[0] for v in vals) / len(vals), 3),
+                          "after": round(sum(v[1] for v in vals) / len(vals), 3)}
+        out[name] = row
+    return out
+
+
+def draw_feature_pca(cfg: RadioTrainConfig, student_dir: str | Path, shards: Path, out: Path,
+                     resolution: int | None = None) -> Path:
+    """PCA-to-RGB pictures of one held-out image: the student's backbone features, and for every teacher its
+    own feature map above the student's adaptor prediction of it (one PCA basis per teacher for both, so
+    equal colours mean similar features)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    import torch.nn.functional as F
+
+    from mmfm.data.transforms import center_crop_to_multiple, to_tensor
+    from mmfm.radio import load
+    from mmfm.radio.distill import (
+        build_teachers,
+        eval_resolutions,
+        probe_teacher,
+        resize,
+        run_teacher,
+        teacher_input_size,
+    )
+    from mmfm.radio.evaluate import load_samples
+
+    res = int(resolution or max(eval_resolutions(cfg)))
+    patch = cfg.student.patch_size
+    sample = load_samples(str(shards), 1)[0]
+    image = center_crop_to_multiple(sample.image, patch, (res, res))
+    x = to_tensor(image)[None]
+    student = load(student_dir, adaptors="all")
+    teachers = build_teachers(cfg)
+    with torch.no_grad():
+        pred = student(x, feature_fmt="NCHW")
+        panels = [("student backbone", _pca_picture(pred["backbone"].features[0]), None)]
+        for spec in cfg.teachers:
+            teacher = teachers[spec.name]
+            info = probe_teacher(teacher, spec)
+            s_feat = pred[spec.name].features
+            if s_feat is None or info.feature_dim is None:
+                continue
+            _, t_feat = run_teacher(teacher, resize(x, teacher_input_size(spec, info, (res, res), patch)))
+            t_feat = F.interpolate(t_feat.float(), size=s_feat.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            panels.append((spec.name, *_pca_pictures_shared_basis(t_feat[0], s_feat[0])))
+    fig, axes = plt.subplots(2, len(panels) + 1, figsize=(2.4 * (len(panels) + 1), 5.0), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title(f"held-out image ({res} px)", fontsize=8)
+    axes[1, 0].set_visible(False)
+    for col, (name, top, bottom) in enumerate(panels, start=1):
+        axes[0, col].imshow(top, interpolation="nearest")
+        axes[0, col].set_title(name if bottom is None else f"teacher {name}", fontsize=8)
+        if bottom is None:
+            axes[1, col].set_visible(False)
+        else:
+            axes[1, col].imshow(bottom, interpolation="nearest")
+            axes[1, col].set_title(f"student -> {name}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    fig.suptitle("PCA of dense features (first 3 components as RGB)", fontsize=9)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _pca_picture(features_chw: Any) -> Any:
+    """(C, h, w) features -> (h, w, 3) uint8 PCA picture."""
+    from mmfm.radio.pca import pca_rgb
+
+    c, h, w = features_chw.shape
+    return pca_rgb(features_chw.reshape(c, h * w).T, (h, w))
+
+
+def _pca_pictures_shared_basis(reference_chw: Any, other_chw: Any, q: float = 0.01) -> tuple[Any, Any]:
+    """Two (C, h, w) maps -> two (h, w, 3) uint8 pictures in the reference map's PCA basis (its mean, its
+    first three components, its quantile stretch), so that equal colours mean equal features."""
+    import numpy as np
+    import torch
+
+    from mmfm.radio.pca import pca_components
+
+    c, h, w = reference_chw.shape
+    ref, other = (x.reshape(c, h * w).T.double() for x in (reference_chw, other_chw))
+    _, comps = pca_components(ref, 3)
+    mean = ref.mean(dim=0, keepdim=True)
+    proj_ref, proj_other = ((x - mean) @ comps.double().T for x in (ref, other))
+    lo, hi = torch.quantile(proj_ref, q, dim=0), torch.quantile(proj_ref, 1 - q, dim=0)
+    return tuple((((p - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1).reshape(h, w, 3).numpy() * 255)
+                 .round().astype(np.uint8) for p in (proj_ref, proj_other))
+
+
+def plot_stage_losses(run: Path, out: Path, keys: list[str], title: str, logy: bool = False) -> Path:
+    """The loss curves of one stage (its trainer's ``metrics.jsonl``) as ``out``."""
+    from mmfm.logging_utils import plot_loss_curves
+
+    return plot_loss_curves(run / "metrics.jsonl", out, keys=keys, logy=logy, title=title)
 
 
 def stage_ps3(ctx: DemoContext) -> dict[str, Any]:
@@ -91,6 +257,8 @@ def stage_ps3(ctx: DemoContext) -> dict[str, Any]:
         out = encoder(image[None], num_look_close=24, prompt=text([region.caption]))
     save_selection(sample.image, out.positions[0], encoder.grid_sizes(), ctx.out / "pictures" / "ps3_selection.png",
                    boxes=[region.box])
+    plot_stage_losses(run, ctx.out / "pictures" / "loss_ps3.png",
+                      ["loss", "loss_local", "loss_global", "loss_select"], title="PS3 pre-training")
     ev = result["eval"]
     return {"steps": steps, "prompt_for_picture": region.caption,
             "top_down_hit_rate@8": round(ev["top_down_hit_rate"], 3), "random": round(ev["top_down_random"], 3),
@@ -119,6 +287,7 @@ def stage_vlm(ctx: DemoContext) -> dict[str, Any]:
     cfg = load_config(VLMTrainConfig, recipe("vlm/tiny-cpu.yaml"), overrides)
     result = train(cfg, ctx.out / "vlm", progress=True)
     draw_vqa_examples(ctx.out / "vlm" / "eval.json", held_out, ctx.out / "pictures" / "vqa_examples.png")
+    plot_stage_losses(ctx.out / "vlm", ctx.out / "pictures" / "loss_vlm.png", ["loss"], title="VLM fine-tuning")
     ev = result["eval"]
     return {"steps": steps, "encoder": student or "random tiny student",
             "vqa_accuracy": round(ev["overall"], 3), "majority_baseline": round(ev["majority_baseline"]["overall"], 3),
@@ -157,6 +326,7 @@ def draw_vqa_examples(eval_json: Path, shards: Path, out: Path, n: int = 6) -> P
 
 STAGES: list[tuple[str, Callable[[DemoContext], dict[str, Any]]]] = [
     ("data", stage_data),
+    ("radio", stage_radio),
     ("ps3", stage_ps3),
     ("vlm", stage_vlm),
 ]
@@ -181,12 +351,27 @@ def run_demo(out: str | Path = "mmfm-demo", fast: bool = False, device: str = "c
     return ctx.results
 
 
+def _format_value(value: Any) -> str:
+    """``{"before": b, "after": a}`` -> ``"b -> a"``; dicts of those inline; anything else as it is."""
+    if isinstance(value, dict) and set(value) == {"before", "after"}:
+        return f"{value['before']} -> {value['after']}"
+    if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+        return ", ".join(f"{k} {_format_value(v)}" for k, v in value.items())
+    return str(value)
+
+
 def format_report(results: dict[str, dict[str, Any]], out: Path) -> str:
+    """The human-readable report: one block per stage; nested tables (per-teacher cosines) one row a line."""
     lines = ["", "mmfm demo report", "================"]
     for name, figures in results.items():
         lines.append(f"[{name}] ({figures.get('seconds', '?')} s)")
         for key, value in figures.items():
-            if key != "seconds":
+            if key == "seconds":
+                continue
+            if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+                lines.append(f"  {key}:")
+                lines.extend(f"    {k}: {_format_value(v)}" for k, v in value.items())
+            else:
                 lines.append(f"  {key}: {value}")
     lines.append(f"Everything is under {out}/ (report.json, pictures, checkpoints, logs).")
     return "\n".join(lines)
