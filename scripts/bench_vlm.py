@@ -39,24 +39,36 @@ def reset_peak(device: str) -> None:
 
 
 @torch.inference_mode()
-def decode_bench(model, context: int, steps: int, device: str, vocab: int) -> dict:
-    """Prefill ``context`` tokens in chunks, then time ``steps`` single-token decode steps."""
+def decode_bench(model, context: int, steps: int, device: str, vocab: int, batch: int = 1) -> dict:
+    """Prefill ``batch`` rows of ``context`` tokens, then time ``steps`` single-token decode steps.
+
+    The cache goes by the model's own argument name (``cache_argument``): the deprecated name costs a
+    deprecation wrapper per call. Attention runs on the flash / memory-efficient SDPA kernels: PyTorch's
+    cuDNN SDPA rebuilds its graph for every new KV length, ~10 ms of CPU per attention call in decode.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from mmfm.vlm.generation import cache_argument, output_cache
+
     reset_peak(device)
-    ids = torch.randint(3, vocab, (1, context), device=device)
-    out = model(input_ids=ids, use_cache=True)
-    cache = out.past_key_values
-    nxt = out.logits[:, -1:].argmax(-1)
-    for _ in range(3):  # warm-up steps
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    sync(device)
+    arg = cache_argument(model)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        ids = torch.randint(3, vocab, (batch, context), device=device)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
+        nxt = out.logits[:, -1:].argmax(-1)
+        del out, ids
+        for _ in range(3):  # warm-up steps
+            out = model(input_ids=nxt, use_cache=True, **{arg: cache})
+            cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, use_cache=True, **{arg: cache})
+            cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
+        sync(device)
     dt = time.perf_counter() - t0
-    return {"context": context, "tokens_per_s": steps / dt, "ms_per_token": 1e3 * dt / steps,
+    return {"context": context, "batch": batch, "tokens_per_s": batch * steps / dt, "ms_per_step": 1e3 * dt / steps,
             "peak_gib": peak_gib(device)}
 
 
@@ -80,13 +92,14 @@ def main() -> int:
     p.add_argument("--blocks", type=int, default=4, help="repeats of the 6-layer pattern 'M-M-*-'x... unit")
     p.add_argument("--contexts", default="4096,16384,65536")
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--decode-batch", default="1,8", help="decode batch sizes (rows decoded together)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: decode,prefill,kernels")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = args.device
     if args.tiny:
-        args.hidden, args.blocks, args.contexts, args.decode_steps = 64, 1, "64,256", 4
+        args.hidden, args.blocks, args.contexts, args.decode_steps, args.decode_batch = 64, 1, "64,256", 4, "1,2"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     vocab = 32000 if not args.tiny else 512
     # Nemotron-H-8B keeps ~8% attention layers: unit "M-M-M-M-M*-" (5 Mamba, 1 attention, 6 MLP).
@@ -97,8 +110,9 @@ def main() -> int:
                              n_groups=8 if not args.tiny else 2, state_size=128 if not args.tiny else 16,
                              intermediate_size=4 * args.hidden, chunk_size=128 if not args.tiny else 16)
     n_layers = sum(c in "M*" for c in pattern)  # mixer layers; a Llama layer = attention + MLP
+    # same GQA as the hybrid's attention layers, so KV-cache size per attention layer is equal
     dense = tiny_llama(vocab, hidden_size=args.hidden, num_layers=n_layers, num_heads=heads,
-                       intermediate_size=4 * args.hidden)
+                       num_kv_heads=max(heads // 4, 1), intermediate_size=4 * args.hidden)
     hybrid, dense = hybrid.to(dev, dtype).eval(), dense.to(dev, dtype).eval()
     from mmfm.kernels.hf_integration import patch_transformers, unpatch_transformers
 
@@ -111,19 +125,19 @@ def main() -> int:
     if "decode" not in skip:
         patch_transformers()
         rows = []
-        for ctx in (int(c) for c in args.contexts.split(",")):
-            row = {"context": ctx}
+        for batch, ctx in ((int(b), int(c)) for b in args.decode_batch.split(",") for c in args.contexts.split(",")):
+            row = {"context": ctx, "batch": batch}
             for name, model in (("hybrid", hybrid), ("attention_only", dense)):
                 try:
-                    row[name] = decode_bench(model, ctx, args.decode_steps, dev, vocab)
+                    row[name] = decode_bench(model, ctx, args.decode_steps, dev, vocab, batch)
                 except torch.OutOfMemoryError:
                     row[name] = {"oom": True}
-                    reset_peak(dev)
+                reset_peak(dev)
             h, a = row["hybrid"], row["attention_only"]
             ratio = h["tokens_per_s"] / a["tokens_per_s"] if "tokens_per_s" in h and "tokens_per_s" in a else None
             row["ratio"] = ratio
             rows.append(row)
-            print(f"decode @ {ctx:6d}: hybrid {h.get('tokens_per_s', float('nan')):8.1f} tok/s "
+            print(f"decode B{batch} @ {ctx:6d}: hybrid {h.get('tokens_per_s', float('nan')):8.1f} tok/s "
                   f"({h.get('peak_gib', float('nan')):.2f} GiB) | attention-only "
                   f"{a.get('tokens_per_s', float('nan')):8.1f} tok/s ({a.get('peak_gib', float('nan')):.2f} GiB)"
                   f" | ratio {ratio if ratio is None else round(ratio, 2)}")

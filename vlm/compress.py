@@ -89,7 +89,8 @@ def estimate_importance(model: nn.Module, batches: list[torch.Tensor], layers: b
         layers: also compute drop-one-layer importance (one extra pass per layer).
     """
     cfg = model.config
-    imp = Importance(hidden=torch.zeros(cfg.hidden_size))
+    # accumulate on the model's device (hooks see its activations); returned on the CPU
+    imp = Importance(hidden=torch.zeros(cfg.hidden_size, device=next(model.parameters()).device))
     handles = []
 
     def add(store: dict, key: int, value: torch.Tensor) -> None:
@@ -136,7 +137,16 @@ def estimate_importance(model: nn.Module, batches: list[torch.Tensor], layers: b
             finally:
                 handle.remove()
         imp.layers = torch.tensor(scores)
-    return imp
+    return _to_cpu(imp)
+
+
+def _to_cpu(imp: Importance) -> Importance:
+    def cpu(x):
+        return x.cpu() if isinstance(x, torch.Tensor) else x
+
+    return Importance(hidden=cpu(imp.hidden), layers=cpu(imp.layers),
+                      **{k: {i: cpu(v) for i, v in getattr(imp, k).items()}
+                         for k in ("ffn", "attention_heads", "mamba_heads", "mamba_channels")})
 
 
 def _skip_output(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -45,12 +45,13 @@ def tiny_nemotron_h(vocab_size: int, hidden_size: int = 64, pattern: str = "M-M*
 
 def tiny_llama(vocab_size: int, hidden_size: int = 64, num_layers: int = 4, num_heads: int = 4,
                intermediate_size: int = 128, pad_token_id: int = 0, bos_token_id: int = 1,
-               eos_token_id: int = 2) -> nn.Module:
-    """A randomly initialised attention-only ``LlamaForCausalLM`` for comparisons."""
+               eos_token_id: int = 2, num_kv_heads: int | None = None) -> nn.Module:
+    """A randomly initialised attention-only ``LlamaForCausalLM`` for comparisons (``num_kv_heads``: GQA;
+    default = ``num_heads``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                         num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
                          intermediate_size=intermediate_size, max_position_embeddings=4096,
                          pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     return LlamaForCausalLM(config)

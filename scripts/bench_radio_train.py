@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""RADIO distillation training throughput: img/s, MFU and peak memory of one training step.
+
+One step is exactly what ``mmfm.radio.distill.train`` does per micro-batch: the frozen teachers run on the
+batch (bf16 autocast on a GPU), their features are PHI-S normalised and resized to the student grid, the
+student (ViT-B/16 with one adaptor per teacher) runs forward + backward, and the Engine steps (AdamW, clipping,
+EMA off). Images are random tensors already on the device, so the data pipeline is not timed.
+
+Teachers (random init: timings do not depend on the weights), ViT-L sized as in RADIO's recipes:
+  clip  open_clip ViT-L-14-336 at 336 px (summary + features)
+  dino  timm vit_large_patch14_reg4_dinov2 at the student's token grid (summary + features)
+  sam   timm samvit_large_patch16 at 1024 px (features only; in the high partition only, as in
+        configs/radio/vit-b16-clip-dino-sam.yaml)
+Points: student resolution 432 (clip + dino) and 1024 (clip + dino + sam).
+
+MFU = FLOPs of one step (torch.utils.flop_counter over teachers' forward + student forward and backward:
+matmuls, convolutions and attention) / step time / the GPU's dense bf16 peak (``--peak-tflops``, 989 for
+H100/H200 SXM). The "student-only MFU" counts the student's FLOPs alone (what RADIO papers quote is the
+total). Peak memory = ``torch.cuda.max_memory_allocated`` over the timed steps.
+
+    python scripts/bench_radio_train.py --device cuda --json out.json
+    python scripts/bench_radio_train.py --tiny                 # CPU smoke run with tiny models
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmfm.radio.distill import (
+    PartitionConfig,
+    RadioTrainConfig,
+    StepPlan,
+    StudentConfig,
+    TargetMaker,
+    setup,
+)
+from mmfm.radio.teachers import TeacherSpec
+from mmfm.training import EngineConfig, OptimizerConfig
+
+LARGE_TEACHERS = [
+    TeacherSpec(name="clip", family="open_clip", model_name="ViT-L-14-336", input_size=336),
+    TeacherSpec(name="dino", family="timm", model_name="vit_large_patch14_reg4_dinov2", input_size=448,
+                match_student_resolution=True, model_kwargs={"dynamic_img_size": True}),
+    TeacherSpec(name="sam", family="timm", model_name="samvit_large_patch16", input_size=1024, use_summary=False,
+                partitions=["high"]),
+]
+TINY_TEACHERS = [
+    TeacherSpec(name="clip", family="open_clip", input_size=64,
+                model_kwargs={"embed_dim": 48, "vision_cfg": {"width": 64, "layers": 2, "patch_size": 16,
+                                                              "head_width": 32}}),
+    TeacherSpec(name="dino", family="timm", model_name="vit_small_patch14_dinov2", input_size=64,
+                match_student_resolution=True,
+                model_kwargs={"embed_dim": 48, "depth": 2, "num_heads": 3, "patch_size": 8, "dynamic_img_size": True}),
+    TeacherSpec(name="sam", family="timm", model_name="samvit_base_patch16", input_size=128, use_summary=False,
+                partitions=["high"],
+                model_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1],
+                              "window_size": 4, "neck_chans": 32}),
+]
+
+
+def make_config(tiny: bool, low: int, high: int, batch_low: int, batch_high: int, precision: str) -> RadioTrainConfig:
+    student = (StudentConfig(size="tiny", overrides={"embed_dim": 64, "depth": 2, "num_heads": 4,
+                                                     "max_resolution": 256}, adaptor_hidden=64)
+               if tiny else StudentConfig(size="B", patch_size=16, num_registers=4, adaptor_hidden=1536,
+                                          overrides={"preferred_resolution": 432, "max_resolution": 2048}))
+    return RadioTrainConfig(
+        teachers=[TeacherSpec(**vars(t)) for t in (TINY_TEACHERS if tiny else LARGE_TEACHERS)],
+        student=student,
+        partitions=[PartitionConfig(name="low", resolutions=[low], batch_size=batch_low),
+                    PartitionConfig(name="high", resolutions=[high], batch_size=batch_high)],
+        engine=EngineConfig(precision=precision, grad_clip=1.0,
+                            optimizer=OptimizerConfig(lr=1e-4, warmup_steps=1, total_steps=1000)),
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, warmup: int, iters: int,
+                gradient_checkpointing: bool) -> dict:
+    from mmfm.training import Engine
+
+    teachers, infos, model, normalizers = setup(cfg, device)
+    if gradient_checkpointing:
+        model.encoder.student.set_grad_checkpointing(True)
+    part = cfg.partitions[partition]
+    engine = Engine.from_config(model, cfg.engine, micro_batch_size=part.batch_size)
+    maker = TargetMaker(cfg, teachers, infos, normalizers, engine.device)
+    plan = StepPlan(partition, (part.resolutions[0],) * 2, 1)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def images() -> torch.Tensor:
+        return torch.rand(part.batch_size, 3, *plan.resolution, device=device, generator=gen)
+
+    maker.observe(maker.teacher_outputs(plan, images()))  # normalisers need moments before targets
+    for name in _names(cfg, partition):
+        if name in normalizers:
+            normalizers[name].fit()
+    engine.train()
+
+    def step() -> None:
+        x = images()
+        targets = maker.targets(plan, maker.teacher_outputs(plan, x))
+        res = engine.forward(x, targets)
+        engine.backward(res["loss"])
+        engine.step()
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    # FLOPs of one step, split teacher / student, counted on an extra (untimed) step
+    with FlopCounterMode(display=False) as fc_teacher:
+        x = images()
+        raw = maker.teacher_outputs(plan, x)
+    with FlopCounterMode(display=False) as fc_student:
+        res = engine.forward(x, maker.targets(plan, raw))
+        engine.backward(res["loss"])
+    engine.step()
+    teacher_flops, student_flops = fc_teacher.get_total_flops(), fc_student.get_total_flops()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / iters
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"resolution": plan.resolution[0], "batch": part.batch_size,
+            "teachers": _names(cfg, partition),
+            "step_ms": 1e3 * dt, "img_per_s": part.batch_size / dt,
+            "teacher_tflop_per_step": teacher_flops / 1e12, "student_tflop_per_step": student_flops / 1e12,
+            "achieved_tflops": (teacher_flops + student_flops) / dt / 1e12, "peak_gib": peak,
+            "student_params_m": sum(p.numel() for p in model.encoder.parameters()) / 1e6}
+
+
+def _names(cfg: RadioTrainConfig, partition: int) -> list[str]:
+    pname = cfg.partitions[partition].name
+    return [t.name for t in cfg.teachers if not t.partitions or pname in t.partitions]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--low", type=int, default=432)
+    p.add_argument("--high", type=int, default=1024)
+    p.add_argument("--batch-low", type=int, default=64)
+    p.add_argument("--batch-high", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny models")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.tiny:
+        args.low, args.high, args.batch_low, args.batch_high, args.warmup, args.iters = 64, 128, 4, 2, 1, 2
+    device = torch.device(args.device)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    cfg = make_config(args.tiny, args.low, args.high, args.batch_low, args.batch_high, precision)
+    rows = []
+    for partition in (0, 1):
+        row = bench_point(cfg, partition, device, args.warmup, args.iters, args.grad_checkpointing)
+        row["mfu"] = row["achieved_tflops"] / args.peak_tflops
+        row["student_only_mfu"] = row["student_tflop_per_step"] / (row["step_ms"] / 1e3) / args.peak_tflops
+        rows.append(row)
+        print(f"res {row['resolution']:5d} batch {row['batch']:3d} teachers {','.join(row['teachers']):14s} "
+              f"{row['img_per_s']:8.1f} img/s  step {row['step_ms']:8.1f} ms  "
+              f"TFLOP/step teacher {row['teacher_tflop_per_step']:.2f} student {row['student_tflop_per_step']:.2f}  "
+              f"MFU {100 * row['mfu']:.1f}% (student-only {100 * row['student_only_mfu']:.1f}%)  "
+              f"peak {row['peak_gib']:.1f} GiB", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__, "precision": precision, "peak_tflops": args.peak_tflops,
+            "grad_checkpointing": args.grad_checkpointing}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
