@@ -47,6 +47,19 @@ class ObjectiveConfig:
     num_look_close: int = 64
 
 
+def clip_region(region, width: int, height: int, key: str):
+    """A region with its box clamped to the image (documented clamp: boxes that stick out are cut at the border);
+    a box that lies wholly outside the image is a ValueError naming the sample."""
+    x0, y0, x1, y1 = region.box
+    cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
+    if cx1 <= cx0 or cy1 <= cy0:
+        raise ValueError(f"sample {key!r}: region box {region.box} ({region.caption!r}) lies outside the "
+                         f"{width}x{height} image; fix the shard's boxes (pixel coordinates of the full image)")
+    if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
+        return region
+    return type(region)(box=(cx0, cy0, cx1, cy1), caption=region.caption)
+
+
 def batch_from_samples(samples, image_size: int) -> PS3Batch:
     """RegionSamples -> a PS3Batch with images resized to ``image_size`` square and boxes rescaled."""
     import numpy as np
@@ -57,7 +70,8 @@ def batch_from_samples(samples, image_size: int) -> PS3Batch:
         img = s.image.convert("RGB").resize((image_size, image_size))
         images.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
         sx, sy = image_size / w, image_size / h
-        boxes.append([(r.box[0] * sx, r.box[1] * sy, r.box[2] * sx, r.box[3] * sy) for r in s.regions])
+        boxes.append([(r.box[0] * sx, r.box[1] * sy, r.box[2] * sx, r.box[3] * sy)
+                      for r in (clip_region(r, w, h, getattr(s, "key", "?")) for r in s.regions)])
         captions.append([r.caption for r in s.regions])
         global_captions.append(s.caption or "")
     return PS3Batch(torch.stack(images), boxes, captions, global_captions)

@@ -91,3 +91,19 @@ def test_save_load_round_trip(encoder, tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load(tmp_path)
+
+
+def test_boxes_are_clamped_to_the_image_and_outside_boxes_are_errors():
+    from PIL import Image
+
+    from mmfm.data.schemas import Region, RegionSample
+    from mmfm.ps3.objective import batch_from_samples
+
+    image = Image.new("RGB", (100, 50))
+    inside = RegionSample(key="k0", image=image, regions=[Region(box=(-10, 10, 60, 80), caption="a star")])
+    batch = batch_from_samples([inside], image_size=200)
+    # clamped to (0, 10, 60, 50) in the 100x50 image, then scaled by (2, 4)
+    assert batch.boxes == [[(0.0, 40.0, 120.0, 200.0)]]
+    outside = RegionSample(key="k1", image=image, regions=[Region(box=(120, 0, 150, 20), caption="a dot")])
+    with pytest.raises(ValueError, match="'k1'.*lies outside the 100x50 image"):
+        batch_from_samples([outside], image_size=200)
