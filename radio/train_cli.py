@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,9 @@ def register_subcommands(sub) -> None:
 
 
 def _friendly(name: str, fn, args: argparse.Namespace) -> int:
-    try:
-        return fn(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"mmfm radio {name}: error: {err}", file=sys.stderr)
-        return 2
+    from mmfm.radio.cli import _friendly_errors  # one error policy for every radio command
+
+    return _friendly_errors(name)(fn)(args)
 
 
 def register_train(sub) -> None:
