@@ -80,6 +80,14 @@ class VLM(nn.Module):
         if freeze_vision:
             self.vision_encoder.requires_grad_(False)
 
+    def train(self, mode: bool = True) -> VLM:
+        """A frozen vision encoder stays in eval mode: its train-time behaviour (CPE position-embedding crops and
+        dropout) would feed the language model features it never sees at inference."""
+        super().train(mode)
+        if self.freeze_vision:
+            self.vision_encoder.eval()
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.projector.parameters()).device

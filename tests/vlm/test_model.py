@@ -115,3 +115,25 @@ def test_left_padding_does_not_change_a_rows_generation():
     alone = generate_from_embeds(lm, emb(row), torch.ones_like(row), max_new_tokens=5)
     with_pad = generate_from_embeds(lm, emb(padded), mask, max_new_tokens=5)
     assert torch.equal(alone, with_pad)
+
+
+def test_frozen_encoder_stays_in_eval_mode_so_training_sees_inference_features():
+    """A RADIO student in train mode crops and drops its position embeddings (CPE); frozen inside a VLM it
+    must give the same image embeddings during training as at inference."""
+    from mmfm.radio import RadioEncoder, create_student
+
+    torch.manual_seed(0)
+    lm = tiny_nemotron_h(vocab_size=40, hidden_size=32, pattern="M*-M", mamba_heads=4, mamba_head_dim=16,
+                         n_groups=2, num_heads=2, num_kv_heads=1)
+    vlm = VLM(RadioEncoder(create_student("tiny")), MeanPool2x2(), Projector(32, 32, 32), lm, image_token_id=IMG)
+    images = torch.rand(2, 3, 64, 64)
+    vlm.eval()
+    with torch.no_grad():
+        reference = torch.stack(vlm.embed_images(images))
+    vlm.train()
+    assert not vlm.vision_encoder.training and vlm.language_model.training
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(vlm.embed_images(images)), reference)
+    vlm.freeze_vision = False  # a trainable encoder trains with its own augmentation
+    vlm.train()
+    assert vlm.vision_encoder.training
