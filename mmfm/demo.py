@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,10 +40,21 @@ class DemoContext:
     device: str
     seed: int
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recipes: dict[str, str] = field(default_factory=dict)  # stage -> recipe replacing the tiny one
+    overrides: dict[str, list[str]] = field(default_factory=dict)  # stage -> extra key=value overrides
 
     def size(self, fast: int, full: int) -> int:
         """Pick a size for the fast smoke run or the full demo."""
         return fast if self.fast else full
+
+    def config(self, cls: type, stage: str, tiny: str, overrides: list[str]) -> Any:
+        """The stage's config: the user's recipe for it (``--recipe STAGE=PATH``: real sizes, local
+        checkpoints) or the tiny built-in one, then the demo's overrides (data, steps), then the user's
+        (``--set STAGE.key=value``), which win."""
+        from mmfm.config import load_config
+
+        path = self.recipes.get(stage) or recipe(tiny)
+        return load_config(cls, path, overrides + self.overrides.get(stage, []))
 
 
 def stage_data(ctx: DemoContext) -> dict[str, Any]:
@@ -71,7 +83,6 @@ def stage_radio(ctx: DemoContext) -> dict[str, Any]:
     """Distil a tiny student from the three tiny random-init teachers of ``radio/tiny-cpu.yaml`` (PHI-S,
     multi-resolution partitions, mosaic) on the synthetic image shards; held-out cosine similarity to every
     teacher before and after training, a PCA picture of the dense features and the loss curves."""
-    from mmfm.config import load_config
     from mmfm.data.synth import write_synthetic
     from mmfm.radio.distill import RadioTrainConfig, train
 
@@ -80,7 +91,7 @@ def stage_radio(ctx: DemoContext) -> dict[str, Any]:
     write_synthetic("images", n_eval, held_out, seed=ctx.seed + 3000, image_size=RADIO_IMAGE_SIZE)
     steps = ctx.size(12, 300)
     sched = ctx.size(5, 25)  # normaliser refits: a few in the smoke run too
-    cfg = load_config(RadioTrainConfig, recipe("radio/tiny-cpu.yaml"), [
+    cfg = ctx.config(RadioTrainConfig, "radio", "radio/tiny-cpu.yaml", [
         f"data.train_shards={ctx.out / 'data' / 'images'}", f"data.eval_shards={held_out}",
         f"data.eval_images={n_eval}", f"steps={steps}", f"ckpt_every={steps}", f"seed={ctx.seed}",
         f"normalizer_schedule.refit_every={sched}",
@@ -93,7 +104,7 @@ def stage_radio(ctx: DemoContext) -> dict[str, Any]:
     draw_feature_pca(cfg, student_dir, held_out, pictures / "radio_pca.png")
     terms = ["loss"] + sorted(k for k in result["final"] if k.startswith("loss/"))
     plot_stage_losses(run, pictures / "loss_radio.png", terms, title="RADIO distillation", logy=True)
-    return {"steps": steps, "teachers": [t.name for t in cfg.teachers],
+    return {"steps": cfg.steps, "teachers": [t.name for t in cfg.teachers],
             "held_out_cos": held_out_cosines(cfg, result["eval_before"], result["eval_after"]),
             "student_dir": student_dir}
 
@@ -231,7 +242,6 @@ def stage_ps3(ctx: DemoContext) -> dict[str, Any]:
     """Pre-train a tiny PS3 on synthetic high-res region data; selection/retrieval table and a picture."""
     import torch
 
-    from mmfm.config import load_config
     from mmfm.data.shards import read_shards
     from mmfm.data.synth import write_synthetic
     from mmfm.ps3.train import PS3TrainConfig, train
@@ -240,7 +250,7 @@ def stage_ps3(ctx: DemoContext) -> dict[str, Any]:
     held_out = ctx.out / "data" / "regions-test"
     write_synthetic("regions", ctx.size(8, 48), held_out, seed=ctx.seed + 1000, image_size=512)
     steps = ctx.size(10, 250)
-    cfg = load_config(PS3TrainConfig, recipe("ps3/tiny-cpu.yaml"), [
+    cfg = ctx.config(PS3TrainConfig, "ps3", "ps3/tiny-cpu.yaml", [
         f"train_shards={ctx.out / 'data' / 'regions'}", f"eval_shards={held_out}", f"eval_samples={ctx.size(8, 48)}",
         f"steps={steps}", f"ckpt_every={steps}", f"engine.optimizer.total_steps={steps}",
         f"engine.optimizer.warmup_steps={min(20, steps // 5)}", f"seed={ctx.seed}"])
@@ -260,7 +270,7 @@ def stage_ps3(ctx: DemoContext) -> dict[str, Any]:
     plot_stage_losses(run, ctx.out / "pictures" / "loss_ps3.png",
                       ["loss", "loss_local", "loss_global", "loss_select"], title="PS3 pre-training")
     ev = result["eval"]
-    return {"steps": steps, "prompt_for_picture": region.caption,
+    return {"steps": cfg.steps, "prompt_for_picture": region.caption,
             "top_down_hit_rate@8": round(ev["top_down_hit_rate"], 3), "random": round(ev["top_down_random"], 3),
             "bottom_up_hit_rate@8": round(ev["bottom_up_hit_rate"], 3), "bottom_up_random": round(ev["bottom_up_random"], 3),
             "local_retrieval_top1": round(ev["local_retrieval_top1"], 3),
@@ -270,7 +280,6 @@ def stage_ps3(ctx: DemoContext) -> dict[str, Any]:
 def stage_vlm(ctx: DemoContext) -> dict[str, Any]:
     """Train a tiny VLM (tiny RADIO encoder -> 2x2 pixel unshuffle -> projector -> tiny Nemotron-H) on
     synthetic VQA, evaluate it against the majority-answer baseline, and draw a few examples."""
-    from mmfm.config import load_config
     from mmfm.data.synth import write_synthetic
     from mmfm.vlm.train import VLMTrainConfig, train
 
@@ -284,12 +293,12 @@ def stage_vlm(ctx: DemoContext) -> dict[str, Any]:
     student = ctx.results.get("radio", {}).get("student_dir")
     if student:
         overrides.append(f"model.encoder.path={student}")
-    cfg = load_config(VLMTrainConfig, recipe("vlm/tiny-cpu.yaml"), overrides)
+    cfg = ctx.config(VLMTrainConfig, "vlm", "vlm/tiny-cpu.yaml", overrides)
     result = train(cfg, ctx.out / "vlm", progress=True)
     draw_vqa_examples(ctx.out / "vlm" / "eval.json", held_out, ctx.out / "pictures" / "vqa_examples.png")
     plot_stage_losses(ctx.out / "vlm", ctx.out / "pictures" / "loss_vlm.png", ["loss"], title="VLM fine-tuning")
     ev = result["eval"]
-    return {"steps": steps, "encoder": student or "random tiny student",
+    return {"steps": cfg.steps, "encoder": student or "random tiny student",
             "vqa_accuracy": round(ev["overall"], 3), "majority_baseline": round(ev["majority_baseline"]["overall"], 3),
             "per_category": {k: round(v["score"], 3) for k, v in ev["per_category"].items()}}
 
@@ -332,12 +341,63 @@ STAGES: list[tuple[str, Callable[[DemoContext], dict[str, Any]]]] = [
 ]
 
 
+def parse_stage_options(recipes: list[str], sets: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """``["radio=PATH"]`` and ``["vlm.steps=100"]`` -> ``({"radio": "PATH"}, {"vlm": ["steps=100"]})``."""
+    names = [n for n, _ in STAGES]
+    out_recipes: dict[str, str] = {}
+    for item in recipes:
+        stage, sep, path = item.partition("=")
+        if not sep or stage not in names:
+            raise ValueError(f"--recipe {item!r}: expected STAGE=PATH with STAGE one of {names}")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--recipe {item!r}: no such file {path!r}")
+        out_recipes[stage] = path
+    out_sets: dict[str, list[str]] = {}
+    for item in sets:
+        stage, sep, kv = item.partition(".")
+        if not sep or stage not in names or "=" not in kv:
+            raise ValueError(f"--set {item!r}: expected STAGE.key=value with STAGE one of {names}")
+        out_sets.setdefault(stage, []).append(kv)
+    return out_recipes, out_sets
+
+
+def check_device(device: str) -> None:
+    """``cpu`` or ``cuda`` (which needs a visible GPU); anything else is an error."""
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+
+
 def run_demo(out: str | Path = "mmfm-demo", fast: bool = False, device: str = "cpu", seed: int = 0,
-             stages: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Run the demo stages and return ``{stage: figures}``; also written to ``out/report.json``."""
+             stages: list[str] | None = None, recipes: dict[str, str] | None = None,
+             overrides: dict[str, list[str]] | None = None) -> dict[str, dict[str, Any]]:
+    """Run the demo stages and return ``{stage: figures}``; also written to ``out/report.json``.
+
+    ``recipes`` replaces a stage's tiny recipe (real sizes and local checkpoints); ``overrides`` adds
+    ``key=value`` settings per stage after the demo's own."""
+    import os
+
+    check_device(device)
+    # the trainers take their device from mmfm.distributed, which honours MMFM_DEVICE=cpu
+    previous = os.environ.get("MMFM_DEVICE")
+    os.environ["MMFM_DEVICE"] = device
+    try:
+        return _run_stages(out, fast, device, seed, stages, recipes, overrides)
+    finally:
+        if previous is None:
+            os.environ.pop("MMFM_DEVICE", None)
+        else:
+            os.environ["MMFM_DEVICE"] = previous
+
+
+def _run_stages(out, fast, device, seed, stages, recipes, overrides) -> dict[str, dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    ctx = DemoContext(out=Path(out), fast=fast, device=device, seed=seed)
+    ctx = DemoContext(out=Path(out), fast=fast, device=device, seed=seed, recipes=dict(recipes or {}),
+                      overrides={k: list(v) for k, v in (overrides or {}).items()})
     ctx.out.mkdir(parents=True, exist_ok=True)
     selected = [(name, fn) for name, fn in STAGES if stages is None or name in stages]
     for name, fn in tqdm(selected, desc="mmfm demo", unit="stage"):
@@ -384,7 +444,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="mmfm-demo", help="output directory (default: ./mmfm-demo)")
     p.add_argument("--fast", action="store_true", help="1-2 minute smoke version")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (every stage trains on the GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", nargs="*", default=None, help=f"subset of: {', '.join(n for n, _ in STAGES)}")
-    p.set_defaults(func=lambda args: run_demo(args.out, args.fast, args.device, args.seed, args.stages) and 0)
+    p.add_argument("--recipe", action="append", default=[], metavar="STAGE=PATH",
+                   help="run a stage from this recipe instead of its tiny one (real sizes, local checkpoints), "
+                        "e.g. radio=configs/radio/vit-b16-clip-dino-sam.yaml; repeatable")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.key=value",
+                   help="override a stage's setting after the demo's own, e.g. vlm.steps=2000; repeatable")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        recipes, overrides = parse_stage_options(args.recipe, args.set)
+        run_demo(args.out, args.fast, args.device, args.seed, args.stages, recipes, overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mmfm demo: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -85,7 +85,8 @@ def init_distributed(
     local_rank = _env_int("LOCAL_RANK", 0)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid launcher environment: RANK={rank}, WORLD_SIZE={world_size}")
-    use_cuda = torch.cuda.is_available()
+    # MMFM_DEVICE=cpu keeps a job on the CPU on a GPU machine (mmfm demo --device cpu)
+    use_cuda = torch.cuda.is_available() and os.environ.get("MMFM_DEVICE", "").lower() != "cpu"
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())

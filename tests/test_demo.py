@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmfm.demo import STAGES, format_report, run_demo
+from mmfm.demo import CONFIGS, STAGES, format_report, run_demo
 
 PICTURES = ["radio_pca.png", "loss_radio.png", "ps3_selection.png", "loss_ps3.png", "vqa_examples.png",
             "loss_vlm.png"]
@@ -129,3 +129,38 @@ def test_vlm_used_the_distilled_student(demo):
     student = json.loads((Path(student_dir) / "config.json").read_text())["student"]
     assert record["vision_encoder_config"]["student"] == student
     assert 0.0 <= results["vlm"]["vqa_accuracy"] <= 1.0
+
+
+def test_stage_recipe_and_settings_replace_the_tiny_ones(tmp_path):
+    """``--recipe STAGE=PATH`` swaps a stage's tiny recipe, ``--set STAGE.key=value`` wins over the demo's own
+    overrides (here through the command line, on the data + PS3 stages only)."""
+    import yaml
+
+    from mmfm.cli import main
+
+    recipe = yaml.safe_load((CONFIGS / "ps3" / "tiny-cpu.yaml").read_text())
+    recipe["model"]["embed_dim"] = recipe["model"]["prompt_dim"] = 32
+    path = tmp_path / "ps3-narrow.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "demo"
+    rc = main(["demo", "--fast", "--out", str(out), "--stages", "data", "ps3", "--recipe", f"ps3={path}",
+               "--set", "ps3.steps=3", "--set", "ps3.ckpt_every=3"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"data", "ps3"} and report["ps3"]["steps"] == 3
+    run_cfg = yaml.safe_load((out / "ps3" / "config.yaml").read_text())
+    assert run_cfg["model"]["embed_dim"] == 32 and run_cfg["steps"] == 3
+    assert len((out / "ps3" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--recipe", "vision=x.yaml"], "expected STAGE=PATH"),
+    (["--recipe", "ps3=/no/such.yaml"], "no such file"),
+    (["--set", "ps3steps=3"], "expected STAGE.key=value"),
+    (["--device", "tpu"], "expected cpu or cuda"),
+])
+def test_bad_demo_options_are_clear_errors(tmp_path, capsys, args, message):
+    from mmfm.cli import main
+
+    assert main(["demo", "--fast", "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
