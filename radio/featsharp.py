@@ -388,31 +388,37 @@ def featsharp_loss(up: FeatSharpUpsampler, images: torch.Tensor, n_views: int = 
                   "views": float(losses[1].detach())}
 
 
+def _cycle(source: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Endless batches from ``source``: re-iterated when it is a re-iterable, else consumed once."""
+    reiterable = iter(source) is not source
+    count = 0
+    while True:
+        for x in source:
+            count += 1
+            yield x
+        if count == 0:
+            raise ValueError("train_featsharp: images_iter yielded no batches")
+        if not reiterable:
+            raise ValueError(f"train_featsharp: the images iterator ran out after {count} batches; pass a "
+                             "re-iterable (a list or DataLoader) to cycle through it, or a longer iterator")
+
+
 def train_featsharp(teacher: nn.Module, images_iter: Iterable[torch.Tensor], steps: int, factor: int = 2,
                     config: FeatSharpConfig | None = None, lr: float = 5e-4, n_views: int = 2,
                     fit_batches: int = 4, seed: int = 0, upsampler: FeatSharpUpsampler | None = None,
                     ) -> tuple[FeatSharpUpsampler, list[float]]:
     """Fit the normaliser on ``fit_batches`` batches, then train ``steps`` AdamW steps.
 
-    ``images_iter`` yields (B, 3, H, W) batches in [0, 1] (it is cycled through if shorter). Returns the
-    upsampler and the per-step losses."""
+    ``images_iter`` yields (B, 3, H, W) batches in [0, 1]. A re-iterable (list, DataLoader) is iterated again
+    when it runs out; a one-shot iterator must last ``fit_batches + steps`` batches (nothing is cached, so
+    memory does not grow with the step count). Returns the upsampler and the per-step losses."""
     if steps < 1:
         raise ValueError(f"train_featsharp: steps must be >= 1, got {steps}")
     up = upsampler or FeatSharpUpsampler(teacher, factor, config)
-    batches: list[torch.Tensor] = []
-    it: Iterator[torch.Tensor] = iter(images_iter)
+    batches = _cycle(images_iter)
 
     def next_batch() -> torch.Tensor:
-        nonlocal it
-        try:
-            x = next(it)
-            batches.append(x)
-            return x
-        except StopIteration:
-            if not batches:
-                raise ValueError("train_featsharp: images_iter yielded no batches") from None
-            it = iter(batches)
-            return next(it)
+        return next(batches)
 
     if not bool(up.normalizer.fitted):
         for _ in range(max(1, fit_batches)):

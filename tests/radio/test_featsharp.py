@@ -125,3 +125,12 @@ def test_loss_decreases_and_save_load(teacher, tmp_path):
 def test_bad_factor(teacher):
     with pytest.raises(ValueError, match="factor"):
         FeatSharpUpsampler(teacher, 1, CFG)
+
+
+def test_train_cycles_reiterables_and_rejects_short_iterators(teacher):
+    up, losses = train_featsharp(teacher, _smooth_images(n_batches=2), steps=5, fit_batches=1, seed=0)
+    assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
+    with pytest.raises(ValueError, match="ran out after 3 batches"):
+        train_featsharp(teacher, iter(_smooth_images(n_batches=3)), steps=5, fit_batches=1)
+    with pytest.raises(ValueError, match="yielded no batches"):
+        train_featsharp(teacher, [], steps=1)
