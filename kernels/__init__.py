@@ -1,5 +1,5 @@
 """mmfm.kernels: selective scan (Mamba-1), chunked SSD scan (Mamba-2), causal depthwise conv1d and decode
-state updates. Each op has a PyTorch reference (the specification, any device) and Triton GPU kernels
+state updates, and single-query attention over a static KV cache for decoding. Each op has a PyTorch reference (the specification, any device) and Triton GPU kernels
 with autograd; ``backend="auto"|"reference"|"triton"`` (or ``MMFM_KERNEL_BACKEND``) picks the path.
 Semantics and argument names follow mamba-ssm and causal-conv1d, so they are drop-in replacements;
 :func:`use_mmfm_kernels` routes transformers' Mamba-2 models through them.
@@ -11,6 +11,7 @@ from mmfm.kernels.causal_conv1d import (
     causal_conv1d_update,
     causal_conv1d_update_reference,
 )
+from mmfm.kernels.decode_attention import decode_attention, decode_attention_reference
 from mmfm.kernels.hf_integration import (
     mmfm_kernels,
     patch_transformers,
@@ -26,6 +27,8 @@ __all__ = [
     "causal_conv1d_reference",
     "causal_conv1d_update",
     "causal_conv1d_update_reference",
+    "decode_attention",
+    "decode_attention_reference",
     "mmfm_kernels",
     "patch_transformers",
     "selective_scan",

@@ -55,6 +55,36 @@ def time_model(fn, x: torch.Tensor, warmup: int, iters: int, dev: torch.device) 
     return x.shape[0] * iters / dt, peak
 
 
+GEMM_KEYS = ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma")
+ATTN_KEYS = ("flash", "fmha", "attention", "attn", "cudnn", "sdpa")
+
+
+def kernel_breakdown(fn, x: torch.Tensor, iters: int = 3) -> dict:
+    """GPU kernel time per forward split into GEMM, attention and everything else (torch.profiler), and the
+    speed-up ceiling if everything but GEMM and attention took no time: total / (gemm + attention)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        fn(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn(x)
+            torch.cuda.synchronize()
+    out = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for evt in prof.events():
+        if evt.device_type != DeviceType.CUDA:
+            continue
+        name, us = evt.name.lower(), evt.time_range.elapsed_us()
+        kind = "attention" if any(k in name for k in ATTN_KEYS) else "gemm" if any(k in name for k in GEMM_KEYS) \
+            else "other"
+        out[kind] += us / 1e3 / iters
+    total = sum(out.values())
+    return {f"{k}_ms": v for k, v in out.items()} | {"total_ms": total,
+                                                     "ceiling": total / max(out["gemm"] + out["attention"], 1e-9)}
+
+
 def bench_point(size: str, res: int, batch: int, dev: torch.device, dtype: torch.dtype, args) -> dict:
     """One (size, resolution) point: HF eager, then mmfm variants; returns a row dict."""
     from transformers import RadioModel
@@ -80,6 +110,11 @@ def bench_point(size: str, res: int, batch: int, dev: torch.device, dtype: torch
     row = {"size": size, "res": res, "batch": batch, "feature_scale": ref.abs().max().item(), "variants": {}}
     ips, peak = time_model(hf, x, args.warmup, args.iters, dev)
     row["variants"]["transformers"] = {"img_s": ips, "peak_gib": peak, "diff": 0.0}
+    if args.profile and dev.type == "cuda":
+        row["profile"] = {"transformers": kernel_breakdown(hf, x), "mmfm": kernel_breakdown(enc, x)}
+        for name, b in row["profile"].items():
+            print(f"  kernels {size}@{res} {name}: GEMM {b['gemm_ms']:.2f} ms, attention {b['attention_ms']:.2f} ms, "
+                  f"other {b['other_ms']:.2f} ms; GEMM+attention-only ceiling {b['ceiling']:.2f}x", flush=True)
     backends = {"mmfm": None}
     if dev.type == "cuda":
         backends["mmfm+cudnn-attn"] = ["cudnn", "flash"]
@@ -123,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="also time mmfm with ViT.compile_blocks()")
+    ap.add_argument("--profile", action="store_true",
+                    help="also split each model's GPU kernel time into GEMM / attention / other (CUDA only)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model at 64/128 px, 2 iterations")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)

@@ -31,15 +31,29 @@ from mmfm.kernels import causal_conv1d_update, selective_state_update
 from mmfm.kernels.decode_attention import decode_attention
 
 
-def _add_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-              weight_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual add then RMSNorm: ``h + delta`` and its norm, as transformers computes them (fp32 statistics;
-    Nemotron-H multiplies by the weight in fp32 before the cast, Llama casts first)."""
-    if delta is not None:
-        h = h + delta
+def _norm_nemotron(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Nemotron-H RMSNorm: fp32 statistics, weight multiplied in fp32, then cast."""
     x = h.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return h, ((weight.float() * x).to(h.dtype) if weight_fp32 else weight * x.to(h.dtype))
+    return (weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))).to(h.dtype)
+
+
+def _norm_llama(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm: fp32 statistics, cast, then the weight."""
+    x = h.float()
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+def _add_norm_nemotron(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add, then the norm of the sum (one fused kernel when compiled)."""
+    h = h + delta
+    return h, _norm_nemotron(h, weight, eps)
+
+
+def _add_norm_llama(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = h + delta
+    return h, _norm_llama(h, weight, eps)
 
 
 def _gated_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group: int, eps: float) -> torch.Tensor:
@@ -108,15 +122,16 @@ class StaticDecoder:
         self.rotary = None if self.is_hybrid else body.rotary_emb
         if compile is None:
             compile = self.device.type == "cuda"
-        self._add_norm, self._gated_norm, self._rope = _add_norm, _gated_norm, None
+        # one function per variant: each compiled function has its own dynamo cache (and recompile limit)
+        fns = {"norm": _norm_nemotron if self.is_hybrid else _norm_llama,
+               "add_norm": _add_norm_nemotron if self.is_hybrid else _add_norm_llama, "gated_norm": _gated_norm}
         if not self.is_hybrid:
             from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-            self._rope = apply_rotary_pos_emb
-        if compile:
-            self._add_norm = torch.compile(_add_norm, dynamic=False)
-            self._gated_norm = torch.compile(_gated_norm, dynamic=False)
-            self._rope = self._rope and torch.compile(self._rope, dynamic=False)
+            fns["rope"] = apply_rotary_pos_emb
+        if compile:  # default dynamic: a second batch size compiles one shape-generic version
+            fns = {k: torch.compile(f) for k, f in fns.items()}
+        self._fns = fns
         self.states: list[_AttnState | _MambaState | None] = [self._alloc(layer) for layer in self.layers]
         B, dev = batch_size, self.device
         self._tokens = torch.zeros(B, dtype=torch.long, device=dev)
@@ -259,6 +274,11 @@ class StaticDecoder:
         self._filled += 1
         return self._logits
 
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if delta is None:
+            return h, self._fns["norm"](h, norm.weight, norm.variance_epsilon)
+        return self._fns["add_norm"](h, delta, norm.weight, norm.variance_epsilon)
+
     def _step_impl(self) -> None:
         B = self.batch_size
         h = self.embed(self._tokens[:, None])  # (B, 1, D)
@@ -269,7 +289,7 @@ class StaticDecoder:
         delta = None
         for layer, st in zip(self.layers, self.states):
             if self.is_hybrid:
-                h, x = self._add_norm(h, delta, layer.norm.weight, layer.norm.variance_epsilon, True)
+                h, x = self._add_norm(h, delta, layer.norm)
                 if isinstance(st, _MambaState):
                     delta = self._mamba_step(layer.mixer, x, st)
                 elif isinstance(st, _AttnState):
@@ -277,14 +297,11 @@ class StaticDecoder:
                 else:
                     delta = layer.mixer(x)
             else:
-                norm = layer.input_layernorm
-                h, x = self._add_norm(h, delta, norm.weight, norm.variance_epsilon, False)
+                h, x = self._add_norm(h, delta, layer.input_layernorm)
                 delta = self._attn_step(layer.self_attn, x, st, length, rope)
-                norm = layer.post_attention_layernorm
-                h, x = self._add_norm(h, delta, norm.weight, norm.variance_epsilon, False)
+                h, x = self._add_norm(h, delta, layer.post_attention_layernorm)
                 delta = layer.mlp(x)
-        norm = self.final_norm
-        _, x = self._add_norm(h, delta, norm.weight, norm.variance_epsilon, self.is_hybrid)
+        _, x = self._add_norm(h, delta, self.final_norm)
         self._logits.copy_(self.model.lm_head(x)[:, 0].float())
         self._index.add_(1)
 
@@ -298,7 +315,7 @@ class StaticDecoder:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, 1, Dh)
         if rope is not None:
-            q, k = self._rope(q, k, *rope)
+            q, k = self._fns["rope"](q, k, *rope)
         st.k.index_copy_(2, self._index, k.to(st.k.dtype))
         st.v.index_copy_(2, self._index, v.to(st.v.dtype))
         out = decode_attention(q[:, :, 0], st.k, st.v, length, self._start, scale=attn.scaling)  # (B, Hq, Dh)
@@ -316,7 +333,7 @@ class StaticDecoder:
             D=mixer.D[:, None].expand(heads, dim), dt_bias=mixer.dt_bias[:, None].expand(heads, dim),
             dt_softplus=True)
         norm = mixer.norm
-        y = self._gated_norm(y.reshape(B, 1, -1), gate[:, None], norm.weight, norm.group_size, norm.variance_epsilon)
+        y = self._fns["gated_norm"](y.reshape(B, 1, -1), gate[:, None], norm.weight, norm.group_size, norm.variance_epsilon)
         return mixer.out_proj(y.to(x.dtype))
 
     # -- CUDA graph ------------------------------------------------------------------------------------------
