@@ -316,15 +316,15 @@ def probe_teacher(teacher: nn.Module, spec: TeacherSpec, device: torch.device | 
 
 def build_upsamplers(cfg: RadioTrainConfig, teachers: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
     """FeatSharp upsamplers of the teachers that name a ``featsharp_checkpoint`` (their ``upsample_factor``
-    must equal the checkpoint's factor)."""
+    must equal the checkpoint's factor; a checkpoint trained for another teacher is a ValueError naming both)."""
     out: dict[str, nn.Module] = {}
     for spec in cfg.teachers:
         path = _spec_get(spec, "featsharp_checkpoint", None)
         if not path:
             continue
-        from mmfm.radio.featsharp import FeatSharpUpsampler
+        from mmfm.radio.featsharp_cli import load_upsampler_for
 
-        up = FeatSharpUpsampler.load(str(path), teachers[spec.name]).eval()
+        up = load_upsampler_for(path, spec, teachers[spec.name], what=f"featsharp_checkpoint of {spec.name!r}").eval()
         u = int(_spec_get(spec, "upsample_factor", 1) or 1)
         if up.cfg.factor != u:
             raise ValueError(f"teacher {spec.name!r}: featsharp_checkpoint {path} upsamples by {up.cfg.factor} but "

@@ -128,33 +128,37 @@ def _teacher_info(spec, up) -> dict[str, Any]:
             "features": f"{up.dim}x{up.grid[0]}x{up.grid[1]}", "fingerprint": teacher_fingerprint(up.teacher)}
 
 
-def _checkpoint_meta(path: Path) -> dict[str, str]:
+def _checkpoint_meta(path: Path, what: str = "--checkpoint") -> dict[str, str]:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as err:  # safetensors raises its own error types for a file that is not safetensors
-        raise ValueError(f"--checkpoint {path} is not a readable safetensors file: {err}") from err
+        raise ValueError(f"{what} {path} is not a readable safetensors file: {err}") from err
 
 
-def _load_upsampler(path: Path, spec, teacher):
-    """``FeatSharpUpsampler.load`` that names the teacher when the checkpoint was trained for another one."""
+def load_upsampler_for(path: Path | str, spec, teacher, what: str = "--checkpoint"):
+    """``FeatSharpUpsampler.load`` that names the teacher when the checkpoint was trained for another one.
+
+    ``what`` names the setting the path came from in error messages (``--checkpoint`` on the command line,
+    ``featsharp_checkpoint`` in a distillation recipe)."""
     from mmfm.radio.featsharp import FeatSharpUpsampler
 
-    meta = _checkpoint_meta(path)
+    path = Path(path)
+    meta = _checkpoint_meta(path, what)
     stored = json.loads(meta[TEACHER_META]) if TEACHER_META in meta else None
     if stored is not None and stored.get("fingerprint") != teacher_fingerprint(teacher):
         given = {"name": spec.name, "family": spec.family, "model_name": spec.model_name,
                  "checkpoint": spec.checkpoint, "input_size": getattr(teacher, "input_size", spec.input_size)}
-        raise ValueError(f"--checkpoint {path} was trained for teacher {_describe(stored)}, not for the teacher "
+        raise ValueError(f"{what} {path} was trained for teacher {_describe(stored)}, not for the teacher "
                          f"given here, {_describe(given)}: their weights or input settings differ; pass the "
                          "teacher the upsampler was trained with")
     try:
         return FeatSharpUpsampler.load(str(path), teacher)
     except RuntimeError as err:  # load_state_dict: size mismatch (a checkpoint without our teacher metadata)
         first = str(err).strip().splitlines()
-        raise ValueError(f"--checkpoint {path} does not fit teacher {spec.name!r}: "
+        raise ValueError(f"{what} {path} does not fit teacher {spec.name!r}: "
                          f"{first[-1].strip() if first else err}") from err
 
 
@@ -377,7 +381,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if "featsharp_config" not in meta:
         raise ValueError(f"--checkpoint {ckpt} is not a FeatSharp checkpoint (no featsharp_config metadata)")
     spec, teacher = resolve_teacher(args.teacher, args.recipe, args.device)
-    up = _load_upsampler(ckpt, spec, teacher).to(args.device).eval()
+    up = load_upsampler_for(ckpt, spec, teacher).to(args.device).eval()
     trained = json.loads(meta.get(TRAIN_META, "{}"))
     size = args.image_size or int(trained.get("image_size") or up.cfg.factor * up.input_size)
 

@@ -134,6 +134,25 @@ def test_featsharp_teacher_gives_finer_targets(shards, tmp_path):
     assert model(torch.rand(1, 3, 48, 48), {})["loss"].shape == ()
 
 
+def test_featsharp_checkpoint_of_another_teacher_is_named(shards, tmp_path):
+    import json
+
+    from mmfm.radio.distill import build_teachers, build_upsamplers
+    from mmfm.radio.featsharp import FeatSharpUpsampler
+    from mmfm.radio.featsharp_cli import TEACHER_META, _save_with_metadata, _teacher_info
+
+    cfg = _cfg(shards, teachers=[_vit("a", 24, 16, 32)])
+    teacher = build_teachers(cfg)["a"]
+    up = FeatSharpUpsampler(teacher, 2)
+    path = tmp_path / "fs.safetensors"
+    _save_with_metadata(up, path, {TEACHER_META: json.dumps(_teacher_info(cfg.teachers[0], up))})
+    cfg.teachers[0].featsharp_checkpoint, cfg.teachers[0].upsample_factor = str(path), 2
+    assert set(build_upsamplers(cfg, {"a": teacher})) == {"a"}  # its own teacher loads
+    other = build_teachers(_cfg(shards, seed=1, teachers=[_vit("a", 24, 16, 32)]))["a"]  # same shape, other init
+    with pytest.raises(ValueError, match="featsharp_checkpoint of 'a'.*was trained for teacher"):
+        build_upsamplers(cfg, {"a": other})
+
+
 def test_refit_carries_adaptors_to_the_new_normalised_space(shards):
     from mmfm.radio.distill import SampleStream, samples_needed
 
