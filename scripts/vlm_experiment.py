@@ -1,18 +1,19 @@
 #!/usr/bin/env python
 """Tiny VLM on synthetic shapes VQA: 2x2 pixel-unshuffle vs no compression (tokens vs accuracy).
 
-Generates the synthetic VQA data (train seed 0, held-out seed 1), trains the tiny VLM of
-``configs/vlm/tiny-cpu.yaml`` (tiny RADIO student -> compressor -> projector -> tiny Nemotron-H with
-Mamba-2, attention and MLP layers) once per compressor, and prints one table: tokens per image, held-out
-VQA accuracy (VQAv2 metric) overall and per question category, the same model with the images shuffled
-across questions (an image-blind control: a model that reads its image loses accuracy there), and the
-per-category majority-answer baseline.
+Generates the synthetic data (VQA train seed 0, held-out seed 1, captioned images seed 2), trains the tiny
+VLM of ``configs/vlm/tiny-cpu-vqa.yaml`` (tiny RADIO student, trained -> compressor -> projector -> tiny
+Nemotron-H with Mamba-2, attention and MLP layers) once per compressor, and prints one table: tokens per
+image, held-out VQA accuracy (VQAv2 metric) overall and per question category, the same model with the
+images shuffled across questions (an image-blind control: a model that reads its image loses accuracy
+there), and the per-category majority-answer baseline.
 
-    python scripts/vlm_experiment.py --out runs/vlm_experiment            # ~10 min on 2 CPU cores
-    python scripts/vlm_experiment.py --out runs/x --steps 50 --n-train 512  # smoke run
+Each setting first trains every part on captioned images for ``--caption-steps`` (``data_kind=captions``:
+dense, per-word supervision that ties colour / shape / count words to the visual tokens) and then on VQA
+for ``--steps``, starting from that model (``--caption-steps 0``: VQA only).
 
-Optionally ``--caption-steps N`` first trains every part on captioned images (``data_kind=captions``)
-and starts the VQA stage from that model.
+    python scripts/vlm_experiment.py --out runs/vlm_experiment            # ~25 min on 2 CPU cores
+    python scripts/vlm_experiment.py --out runs/x --steps 50 --caption-steps 20 --n-train 512  # smoke run
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vlm" / "tiny-cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vlm" / "tiny-cpu-vqa.yaml"
 CATEGORIES = ("color", "shape", "count", "position", "relation", "existence", "text")
 
 
@@ -64,6 +65,7 @@ def shuffled_image_eval(model, tokenizer, data: Path, image_size: int, limit: in
 def run_one(name: str, overrides: list[str], paths: dict[str, Path], out: Path, args) -> dict[str, Any]:
     from mmfm.config import load_config
     from mmfm.vlm.build import load
+    from mmfm.vlm.evaluate import evaluate_vqa
     from mmfm.vlm.train import VLMTrainConfig, train
 
     run_dir = out / name
@@ -72,27 +74,31 @@ def run_one(name: str, overrides: list[str], paths: dict[str, Path], out: Path, 
     init_from = None
     t0 = time.perf_counter()
     if args.caption_steps:
-        cap = load_config(VLMTrainConfig, CONFIG, common + [
+        cap = load_config(VLMTrainConfig, args.config, common + [
             f"train_shards={paths['captions']}", "data_kind=captions", "eval_shards=null",
             f"steps={args.caption_steps}", f"ckpt_every={args.caption_steps}",
             f"engine.optimizer.total_steps={args.caption_steps}"])
         train(cap, run_dir / "captions", progress=not args.no_progress)
         init_from = run_dir / "captions" / "model"
-    cfg = load_config(VLMTrainConfig, CONFIG, common + [f"train_shards={paths['train']}",
-                                                        f"eval_shards={paths['test']}"])
+    cfg = load_config(VLMTrainConfig, args.config, common + [f"train_shards={paths['train']}", "eval_shards=null"])
     if init_from is not None:
         cfg.init_from = str(init_from)
     result = train(cfg, run_dir / "vqa", progress=not args.no_progress)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0  # training only (caption + VQA stages); evaluation is timed apart
     model, tokenizer = load(run_dir / "vqa" / "model")
     model.eval()
     size = cfg.model.image_size
+    t1 = time.perf_counter()
+    ev = evaluate_vqa(model, tokenizer, paths["test"], image_size=size, limit=args.n_test,
+                      progress=not args.no_progress)
+    (run_dir / "vqa" / "eval.json").write_text(json.dumps(ev, indent=2))
     blind = shuffled_image_eval(model, tokenizer, paths["test"], size, args.n_test)
-    ev = result["eval"]
     return {"name": name, "tokens": model.tokens_per_image(size, size), "train_s": seconds,
-            "final_loss": result["final_loss"], "overall": ev["overall"],
+            "eval_s": time.perf_counter() - t1, "final_loss": result["final_loss"], "overall": ev["overall"],
             "per_category": {k: v["score"] for k, v in ev["per_category"].items()},
-            "shuffled_overall": blind["overall"], "majority": ev["majority_baseline"]}
+            "shuffled_overall": blind["overall"],
+            "shuffled_per_category": {k: v["score"] for k, v in blind["per_category"].items()},
+            "majority": ev["majority_baseline"]}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -113,11 +119,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/vlm_experiment"), help="run directory")
-    p.add_argument("--n-train", type=int, default=4096, help="training VQA samples")
+    p.add_argument("--config", type=Path, default=CONFIG, help="VLM training recipe")
+    p.add_argument("--n-train", type=int, default=16384, help="training VQA samples")
     p.add_argument("--n-test", type=int, default=350, help="held-out VQA samples (evaluated)")
-    p.add_argument("--steps", type=int, default=400, help="VQA training steps per setting")
-    p.add_argument("--caption-steps", type=int, default=0, help="caption pre-training steps (0: none)")
-    p.add_argument("--n-captions", type=int, default=3000, help="captioned images when --caption-steps > 0")
+    p.add_argument("--steps", type=int, default=None, help="VQA training steps per setting (default: the recipe's)")
+    p.add_argument("--caption-steps", type=int, default=800, help="caption pre-training steps (0: none)")
+    p.add_argument("--n-captions", type=int, default=8192, help="captioned images when --caption-steps > 0")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -126,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="run one setting (e.g. two processes in parallel); the table then has one row")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    from mmfm.config import load_config
+    from mmfm.vlm.train import VLMTrainConfig
+
+    if args.steps is None:
+        args.steps = load_config(VLMTrainConfig, args.config, []).steps
     for name in ("n_train", "n_test", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -69,8 +69,10 @@ class VLM(nn.Module):
     """
 
     def __init__(self, vision_encoder: nn.Module, compressor: nn.Module, projector: nn.Module,
-                 language_model: nn.Module, image_token_id: int, freeze_vision: bool = True) -> None:
+                 language_model: nn.Module, image_token_id: int, freeze_vision: bool = True,
+                 cpe_augment: bool = False) -> None:
         super().__init__()
+        self.cpe_augment = cpe_augment
         self.vision_encoder = vision_encoder
         self.compressor = compressor
         self.projector = projector
@@ -82,10 +84,19 @@ class VLM(nn.Module):
 
     def train(self, mode: bool = True) -> VLM:
         """A frozen vision encoder stays in eval mode: its train-time behaviour (CPE position-embedding crops and
-        dropout) would feed the language model features it never sees at inference."""
+        dropout) would feed the language model features it never sees at inference. A trainable encoder trains,
+        but its cropped position embeddings (CPE) stay in eval mode unless ``cpe_augment``: RADIO's random
+        position crops and whole-sample position dropout are a distillation augmentation; in a VLM they scramble
+        where each visual token is at train time only (left/right/top/bottom questions then cannot be learned)."""
         super().train(mode)
         if self.freeze_vision:
             self.vision_encoder.eval()
+        elif not self.cpe_augment:
+            from mmfm.radio.cpe import CroppedPositionEmbedding
+
+            for m in self.vision_encoder.modules():
+                if isinstance(m, CroppedPositionEmbedding):
+                    m.eval()
         return self
 
     @property

@@ -137,3 +137,32 @@ def test_frozen_encoder_stays_in_eval_mode_so_training_sees_inference_features()
     vlm.freeze_vision = False  # a trainable encoder trains with its own augmentation
     vlm.train()
     assert vlm.vision_encoder.training
+
+
+def test_trainable_encoder_keeps_position_embeddings_deterministic():
+    """A trainable RADIO student trains, but its CPE must not randomly crop / drop position embeddings inside a
+    VLM (that scrambles where each visual token is, at train time only); ``cpe_augment=True`` restores it."""
+    from mmfm.radio import RadioEncoder, create_student
+    from mmfm.radio.cpe import CroppedPositionEmbedding
+
+    torch.manual_seed(0)
+    lm = tiny_nemotron_h(vocab_size=40, hidden_size=32, pattern="M*-M", mamba_heads=4, mamba_head_dim=16,
+                         n_groups=2, num_heads=2, num_kv_heads=1)
+    vlm = VLM(RadioEncoder(create_student("tiny")), MeanPool2x2(), Projector(32, 32, 32), lm, image_token_id=IMG,
+              freeze_vision=False)
+    images = torch.rand(4, 3, 64, 64)
+    vlm.eval()
+    with torch.no_grad():
+        reference = torch.stack(vlm.embed_images(images))
+    vlm.train()
+    assert vlm.vision_encoder.training and vlm.vision_encoder.student.blocks[0].training
+    cpe = [m for m in vlm.vision_encoder.modules() if isinstance(m, CroppedPositionEmbedding)]
+    assert cpe and not any(m.training for m in cpe)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack(vlm.embed_images(images)), reference)
+    embeds = vlm.embed_images(images)
+    embeds[0].sum().backward()
+    assert vlm.vision_encoder.student.patch_embed.proj.weight.grad is not None  # it does train
+    vlm.cpe_augment = True
+    vlm.train()
+    assert all(m.training for m in cpe)
