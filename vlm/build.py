@@ -58,6 +58,9 @@ class VLMConfig:
     projector_activation: str = "relu2"
     freeze_vision: bool = True
     image_size: int = 64
+    # where a user turn's images go: "first" ("<image>\n{text}", LLaVA's order) or "after_text"
+    # ("{text}\n<image>": a causal decoder then reads the image already knowing the question)
+    image_position: str = "first"
     tokenizer: str | None = None  # local HF tokenizer dir; None = the offline synthetic tokenizer
 
 

@@ -21,6 +21,21 @@ from mmfm.data.tokenizer import IGNORE_INDEX, apply_chat_template
 CAPTION_PROMPT = f"{IMAGE_PLACEHOLDER}\nDescribe the image."
 
 
+IMAGE_POSITIONS = ("first", "after_text")
+
+
+def place_images(content: str, position: str = "first") -> str:
+    """Put a user turn's ``<image>`` placeholders first (``"<image>\\n{text}"``) or after its text."""
+    if position not in IMAGE_POSITIONS:
+        raise ValueError(f"image_position must be one of {IMAGE_POSITIONS}, got {position!r}")
+    n = content.count(IMAGE_PLACEHOLDER)
+    text = content.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
+    if n == 0:
+        return content
+    images = "\n".join([IMAGE_PLACEHOLDER] * n)
+    return f"{images}\n{text}" if position == "first" else f"{text}\n{images}"
+
+
 def image_to_tensor(image, size: int | None = None) -> torch.Tensor:
     """PIL image -> (3, H, W) float in [0, 1], optionally resized (antialiased) to ``size x size``."""
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -65,9 +80,14 @@ def caption_conversation(sample: ImageSample) -> ConversationSample:
 
 def encode_sample(sample: ConversationSample, tokenizer, image_token_id: int,
                   tokens_per_image: Callable[[int, int], int], image_size: int | None,
-                  max_length: int | None = None) -> Encoded:
-    """Tokenize a conversation for training (labels only on assistant answers)."""
-    enc = apply_chat_template(tokenizer, sample.messages)
+                  max_length: int | None = None, image_position: str = "first") -> Encoded:
+    """Tokenize a conversation for training (labels only on assistant answers); ``image_position`` moves the
+    placeholders of user turns (:func:`place_images`; ``"first"`` keeps the sample as written)."""
+    messages = sample.messages
+    if image_position != "first":
+        messages = [Message(m.role, place_images(m.content, image_position)) if m.role == "user" else m
+                    for m in messages]
+    enc = apply_chat_template(tokenizer, messages)
     images = [image_to_tensor(im, image_size) for im in sample.images]
     counts = [tokens_per_image(*im.shape[-2:]) for im in images]
     ids, labels = expand_image_tokens(enc["input_ids"], enc["labels"], image_token_id, counts)
@@ -95,14 +115,17 @@ def collate_train(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor |
 
 
 def build_prompts(tokenizer, questions: Sequence[str], image_token_id: int, tokens_per_image: int,
-                  system: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  system: str | None = None, image_position: str = "first") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded generation prompts, one image each: ``(input_ids, attention_mask)`` (B, L).
 
-    A question without ``<image>`` gets it prepended (``"<image>\\n" + question``).
+    A question without ``<image>`` gets one, placed by ``image_position`` (default first:
+    ``"<image>\\n" + question``); with ``"after_text"`` placeholders move after the text.
     """
     rows = []
     for q in questions:
         content = q if IMAGE_PLACEHOLDER in q else f"{IMAGE_PLACEHOLDER}\n{q}"
+        if image_position != "first":
+            content = place_images(content, image_position)
         messages = ([Message("system", system)] if system else []) + [Message("user", content)]
         enc = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
         n_img = enc["num_images"]

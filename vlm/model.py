@@ -176,7 +176,9 @@ class VLM(nn.Module):
         if len(sizes) != 1:
             raise ValueError(f"generate batches images of one size; got sizes {sorted(sizes)}")
         (h, w), = sizes
-        ids, mask = build_prompts(tokenizer, prompts, self.image_token_id, self.tokens_per_image(h, w))
+        position = getattr(getattr(self, "config", None), "image_position", "first")
+        ids, mask = build_prompts(tokenizer, prompts, self.image_token_id, self.tokens_per_image(h, w),
+                                  image_position=position)
         ids, mask = ids.to(self.device), mask.to(self.device)
         embeds = self.build_inputs_embeds(ids, images)
         out = generate_from_embeds(self.language_model, embeds, mask, max_new_tokens,

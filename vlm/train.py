@@ -121,7 +121,8 @@ def train(cfg: VLMTrainConfig, out: str | Path, resume: bool = False, progress: 
 
     def encode(sample):
         conv = caption_conversation(sample) if cfg.data_kind == "captions" else sample
-        return encode_sample(conv, tokenizer, vlm.image_token_id, vlm.tokens_per_image, image_size, cfg.max_length)
+        return encode_sample(conv, tokenizer, vlm.image_token_id, vlm.tokens_per_image, image_size, cfg.max_length,
+                             image_position=vlm.config.image_position)
 
     logger = MetricLogger(out, total_steps=cfg.steps, start_step=start, progress=progress, desc=f"vlm {cfg.stage}")
     engine.train()

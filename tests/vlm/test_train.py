@@ -47,6 +47,37 @@ def test_encoding_expands_placeholders_and_masks_labels():
     assert mask[:, -1].all() and mask[0, 0] == 0  # left padded
 
 
+def test_image_position_after_text_puts_placeholders_after_the_question():
+    from PIL import Image
+
+    from mmfm.vlm.conversation import place_images
+
+    assert place_images("<image>\nWhat colour?", "after_text") == "What colour?\n<image>"
+    assert place_images("What colour?\n<image>", "first") == "<image>\nWhat colour?"
+    assert place_images("no image", "after_text") == "no image"
+    with pytest.raises(ValueError, match="image_position"):
+        place_images("<image>", "middle")
+    vlm, tok = build_vlm(VLMConfig(image_size=64))
+    sample = ConversationSample("s", [Image.new("RGB", (64, 64))],
+                                [Message("user", "<image>\nWhat colour?"), Message("assistant", "red")])
+    first = encode_sample(sample, tok, vlm.image_token_id, vlm.tokens_per_image, image_size=64)
+    after = encode_sample(sample, tok, vlm.image_token_id, vlm.tokens_per_image, image_size=64,
+                          image_position="after_text")
+    q = tok.encode("What colour?", add_special_tokens=False)
+
+    def index(ids, sub):
+        return next(i for i in range(len(ids)) if ids[i:i + len(sub)] == sub)
+
+    img_first, img_after = first.input_ids.index(vlm.image_token_id), after.input_ids.index(vlm.image_token_id)
+    assert img_first < index(first.input_ids, q) and img_after > index(after.input_ids, q)
+    assert sorted(first.input_ids) == sorted(after.input_ids)  # same tokens, reordered
+    answer = [t for t, lab in zip(after.input_ids, after.labels) if lab != IGNORE_INDEX]
+    assert tok.decode(answer, skip_special_tokens=True).strip() == "red"
+    ids, _ = build_prompts(tok, ["What colour?"], vlm.image_token_id, 4, image_position="after_text")
+    row = ids[0].tolist()
+    assert row.index(vlm.image_token_id) > index(row, q)
+
+
 def test_align_stage_trains_only_the_projector():
     vlm, _ = build_vlm(VLMConfig())
     set_trainable(vlm, "align", train_encoder=False)
