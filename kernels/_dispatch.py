@@ -8,9 +8,13 @@ PyTorch reference (CPU always works).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import importlib.util
 import os
+from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
@@ -63,3 +67,31 @@ def resolve_backend(backend: str, device: torch.device, available: tuple[str, ..
     if backend == "cuda" and device.type != "cuda":
         raise RuntimeError("backend 'cuda' needs CUDA tensors")
     return backend
+
+
+@contextlib.contextmanager
+def triton_mode(interpret: bool, *kernels: tuple[ModuleType, str]) -> Iterator[None]:
+    """Run the given modules' Triton kernels interpreted on the CPU (``interpret=True``) or compiled, then restore.
+
+    Triton decides when a ``@triton.jit`` function is defined whether it is interpreted, so each module whose
+    kernel ``(module, "kernel_name")`` is in the wrong mode is reloaded (in place: references to the module stay
+    valid) after ``TRITON_INTERPRET`` is set; on exit the variable and the modules go back. For tests that run
+    one file's kernels both ways in one process.
+    """
+    old = os.environ.get("TRITON_INTERPRET")
+
+    def switch(on: bool) -> None:
+        os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+        for module, name in kernels:
+            if (type(getattr(module, name)).__name__ == "InterpretedFunction") != on:
+                importlib.reload(module)
+
+    switch(interpret)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        switch(old == "1")

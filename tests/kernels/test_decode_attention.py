@@ -8,11 +8,12 @@ rounds the softmax weights to bf16 before the value product (as flash attention 
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from mmfm.kernels._dispatch import triton_mode
 
 da = importlib.import_module("mmfm.kernels.decode_attention")
 
@@ -20,22 +21,10 @@ FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 BF16_TOL = dict(atol=2e-2, rtol=2e-2)
 
 
-def _use_interpreter(on: bool) -> None:
-    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
-    if (type(da._decode_attn_split).__name__ == "InterpretedFunction") != on:
-        importlib.reload(da)
-
-
 @pytest.fixture(scope="module")
 def interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    _use_interpreter(True)
-    yield
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    _use_interpreter(old == "1")
+    with triton_mode(True, (da, "_decode_attn_split")):
+        yield
 
 
 def make(batch, hq, hkv, lmax, dh, dtype=torch.float32, device="cpu", seed=0):

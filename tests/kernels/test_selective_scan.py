@@ -10,10 +10,11 @@ independent closed form (the materialized (L, L) convolution kernel of the SSM) 
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
+
+from mmfm.kernels._dispatch import triton_mode
 
 ss = importlib.import_module("mmfm.kernels.selective_scan")
 
@@ -21,23 +22,10 @@ FP32_TOL = dict(atol=1e-4, rtol=1e-4)
 BF16_TOL = dict(atol=2e-2, rtol=2e-2)
 
 
-def _use_interpreter(on: bool) -> None:
-    """Triton picks compiled vs interpreted kernels when they are defined: switch env and reload."""
-    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
-    if (type(ss._selective_scan_fwd_kernel).__name__ == "InterpretedFunction") != on:
-        importlib.reload(ss)
-
-
 @pytest.fixture(scope="class")
 def interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    _use_interpreter(True)
-    yield
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    _use_interpreter(os.environ.get("TRITON_INTERPRET") == "1")
+    with triton_mode(True, (ss, "_selective_scan_fwd_kernel")):
+        yield
 
 
 def make_inputs(
@@ -318,12 +306,8 @@ def test_bad_initial_state():
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="class")
 def native_triton():
-    old = os.environ.get("TRITON_INTERPRET")
-    _use_interpreter(False)
-    yield
-    if old is not None:
-        os.environ["TRITON_INTERPRET"] = old
-    _use_interpreter(old == "1")
+    with triton_mode(False, (ss, "_selective_scan_fwd_kernel")):
+        yield
 
 
 GPU_GRID = [

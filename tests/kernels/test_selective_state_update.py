@@ -8,10 +8,11 @@ output to bf16 once each, so atol=rtol=1e-2. Step by step vs the full scan: fp32
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
+
+from mmfm.kernels._dispatch import triton_mode
 
 ss = importlib.import_module("mmfm.kernels.selective_scan")
 ssu = importlib.import_module("mmfm.kernels.selective_state_update")
@@ -21,36 +22,19 @@ BF16_TOL = dict(atol=1e-2, rtol=1e-2)
 SCAN_TOL = dict(atol=1e-4, rtol=1e-4)
 
 
-def _use_interpreter(on: bool) -> None:
-    """Triton picks compiled vs interpreted kernels when they are defined: switch env and reload."""
-    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
-    for mod, kernel in ((ssu, "_state_update_kernel"), (ss, "_selective_scan_fwd_kernel")):
-        if (type(getattr(mod, kernel)).__name__ == "InterpretedFunction") != on:
-            importlib.reload(mod)
-
-
-def _restore(old):
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    _use_interpreter(old == "1")
+KERNELS = ((ssu, "_state_update_kernel"), (ss, "_selective_scan_fwd_kernel"))
 
 
 @pytest.fixture(scope="class")
 def interpreter():
-    old = os.environ.get("TRITON_INTERPRET")
-    _use_interpreter(True)
-    yield
-    _restore(old)
+    with triton_mode(True, *KERNELS):
+        yield
 
 
 @pytest.fixture(scope="class")
 def native_triton():
-    old = os.environ.get("TRITON_INTERPRET")
-    _use_interpreter(False)
-    yield
-    _restore(old)
+    with triton_mode(False, *KERNELS):
+        yield
 
 
 def heads_inputs(
