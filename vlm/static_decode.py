@@ -93,8 +93,9 @@ class StaticDecoder:
     """Decode ``batch_size`` rows of a causal LM with preallocated caches (and a CUDA graph on CUDA).
 
     Args:
-        model: a ``NemotronHForCausalLM`` (Mamba-2 / attention / MLP or MoE layers) or a Llama / Qwen2 / Qwen3
-            causal LM, in eval mode, on its device and dtype.
+        model: a ``NemotronHForCausalLM`` (Mamba-2 / attention / MLP layers; MoE layers run through their own
+            module and are not tested here) or a Llama / Qwen2 / Qwen3 causal LM, in eval mode, on its device
+            and dtype.
         batch_size: rows decoded together.
         max_length: prompt length + new tokens; the K/V buffers hold this many positions.
         cuda_graph: record the step as a CUDA graph (default: when the model is on CUDA).

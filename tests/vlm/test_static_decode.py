@@ -22,6 +22,12 @@ def build(kind: str):
     if kind == "nemotron_h":
         return tiny_nemotron_h(VOCAB, hidden_size=32, pattern="M*-M-*", num_heads=4, num_kv_heads=2,
                                mamba_heads=4, mamba_head_dim=16, n_groups=2, state_size=8, chunk_size=8).eval()
+    if kind == "qwen3":  # per-head q/k RMSNorm before RoPE
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            intermediate_size=64)).eval()
     return tiny_llama(VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2).eval()
 
 
@@ -58,7 +64,7 @@ def prompt(batch=3, length=11, pads=(0, 3, 5), device="cpu"):
     return ids.to(device), mask.to(device), [t.to(device) for t in feed]
 
 
-@pytest.mark.parametrize("kind", ["nemotron_h", "llama"])
+@pytest.mark.parametrize("kind", ["nemotron_h", "llama", "qwen3"])
 def test_matches_transformers_decode(kind):
     model = build(kind)
     ids, mask, feed = prompt()
