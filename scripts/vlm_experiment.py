@@ -43,6 +43,18 @@ def make_data(out: Path, n_train: int, n_test: int, n_captions: int) -> dict[str
     return paths
 
 
+def caption_conversations(captions: Path, out: Path) -> Path:
+    """The captioned images as one-turn conversation shards ("Describe the image." -> caption), so that the VQA
+    stage can keep training on captions too (``--mix-captions``)."""
+    from mmfm.data.shards import read_shards, write_shards
+    from mmfm.vlm.conversation import caption_conversation
+
+    if not any(out.glob("caption-*.tar")):
+        write_shards((caption_conversation(s) for s in read_shards(captions, schema="image")), out,
+                     samples_per_shard=256, prefix="caption")
+    return out
+
+
 @torch.no_grad()
 def shuffled_image_eval(model, tokenizer, data: Path, image_size: int, limit: int, seed: int = 0) -> dict[str, Any]:
     """VQA accuracy when each question gets another question's image (a fixed random permutation)."""
@@ -80,7 +92,16 @@ def run_one(name: str, overrides: list[str], paths: dict[str, Path], out: Path, 
             f"engine.optimizer.total_steps={args.caption_steps}"])
         train(cap, run_dir / "captions", progress=not args.no_progress)
         init_from = run_dir / "captions" / "model"
-    cfg = load_config(VLMTrainConfig, args.config, common + [f"train_shards={paths['train']}", "eval_shards=null"])
+    train_shards = str(paths["train"])
+    if args.mix_captions:  # one directory holding both shard sets (links to the VQA shards), shuffled together
+        mix = paths["train"].parent / "vqa-with-captions"
+        caption_conversations(paths["captions"], mix)
+        for shard in sorted(paths["train"].glob("*.tar")):
+            link = mix / f"vqa-{shard.name}"
+            if not link.exists():
+                link.symlink_to(shard.resolve())
+        train_shards = str(mix)
+    cfg = load_config(VLMTrainConfig, args.config, common + [f"train_shards={train_shards}", "eval_shards=null"])
     if init_from is not None:
         cfg.init_from = str(init_from)
     result = train(cfg, run_dir / "vqa", progress=not args.no_progress)
@@ -124,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=350, help="held-out VQA samples (evaluated)")
     p.add_argument("--steps", type=int, default=None, help="VQA training steps per setting (default: the recipe's)")
     p.add_argument("--caption-steps", type=int, default=800, help="caption pre-training steps (0: none)")
+    p.add_argument("--mix-captions", action="store_true",
+                   help="the VQA stage trains on the VQA samples and the caption conversations mixed")
     p.add_argument("--n-captions", type=int, default=8192, help="captioned images when --caption-steps > 0")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -143,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    paths = make_data(args.out, args.n_train, args.n_test, args.n_captions if args.caption_steps else 0)
+    paths = make_data(args.out, args.n_train, args.n_test,
+                      args.n_captions if args.caption_steps or args.mix_captions else 0)
     settings = [("2x2 pixel-unshuffle", "unshuffle2x2", ["model.compressor=pixel_unshuffle", "model.compress_factor=2"]),
                 ("no compression", "none", ["model.compressor=none"])]
     rows = [run_one(run_dir, ov, paths, args.out, args) | {"name": name} for name, run_dir, ov in settings
