@@ -15,6 +15,7 @@ merges the slices. Math is fp32; the output has ``q``'s dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -132,11 +133,16 @@ def _dot_cfg(dtype: torch.dtype) -> dict:
     return {"DOT": tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, "PRECISION": "tf32"}
 
 
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _num_splits(batch_kv: int, lmax: int, block_n: int) -> int:
     """Enough programs to fill the GPU (~4 per SM) without slices shorter than a few key blocks."""
     if triton_interpret():
         return max(1, min(4, math.ceil(lmax / block_n)))
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = _sm_count(torch.cuda.current_device())
     want = max(1, math.ceil(4 * sms / batch_kv))
     return max(1, min(want, math.ceil(lmax / (4 * block_n)), 256))
 
@@ -159,8 +165,9 @@ def _decode_attention_triton(q, k_cache, v_cache, length, start, scale) -> torch
     n_split = triton.cdiv(lmax, split_len)
     part = torch.empty(batch * hkv * n_split * block_g, block_d, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch * hkv * n_split * block_g, device=q.device, dtype=torch.float32)
-    length = length.to(device=q.device, dtype=torch.int32)
-    start_t = start.to(device=q.device, dtype=torch.int32) if start is not None else length
+    # the kernel reads one entry per row at offset b: contiguous int32 (a no-op for such inputs)
+    length = length.to(device=q.device, dtype=torch.int32).contiguous()
+    start_t = start.to(device=q.device, dtype=torch.int32).contiguous() if start is not None else length
     _decode_attn_split[(batch * hkv, n_split)](
         q, k_cache, v_cache, length, start_t, part, lse, hkv, group, dh, split_len, scale,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],

@@ -29,6 +29,7 @@ from torch import nn
 
 from mmfm.kernels import causal_conv1d_update, selective_state_update
 from mmfm.kernels.decode_attention import decode_attention
+from mmfm.vlm.generation import output_cache
 
 
 def _norm_nemotron(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -137,7 +138,7 @@ class StaticDecoder:
         B, dev = batch_size, self.device
         self._tokens = torch.zeros(B, dtype=torch.long, device=dev)
         self._index = torch.zeros(1, dtype=torch.long, device=dev)  # next cache slot (shared by all rows)
-        self._start = torch.zeros(B, dtype=torch.long, device=dev)  # first real slot per row
+        self._start = torch.zeros(B, dtype=torch.int32, device=dev)  # first real slot per row (the kernel's dtype)
         self._logits = torch.zeros(B, cfg.vocab_size, dtype=torch.float32, device=dev)
         self._filled = 0  # host copy of _index, for bounds checks without a device sync
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -175,11 +176,17 @@ class StaticDecoder:
 
     def state_bytes(self) -> int:
         """Bytes of decode state (K/V buffers + Mamba conv/SSM states)."""
-        total = 0
+        return sum(t.numel() * t.element_size() for t in self._state_tensors())
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """Every decode-state buffer: K/V of attention layers, conv + SSM states of Mamba layers."""
+        out: list[torch.Tensor] = []
         for st in self.states:
-            for t in (st.k, st.v) if isinstance(st, _AttnState) else (st.conv, st.ssm) if st is not None else ():
-                total += t.numel() * t.element_size()
-        return total
+            if isinstance(st, _AttnState):
+                out += [st.k, st.v]
+            elif isinstance(st, _MambaState):
+                out += [st.conv, st.ssm]
+        return out
 
     # -- prefill ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -205,8 +212,6 @@ class StaticDecoder:
         mask = torch.ones(B, L, dtype=torch.long, device=x.device) if attention_mask is None else attention_mask
         if mask[:, -1].eq(0).any():
             raise ValueError("prefill needs left padding: the last position of every row must be a real token")
-        from mmfm.vlm.generation import output_cache
-
         self._reset()
         step = rows_per_pass or B
         for r0 in range(0, B, step):
@@ -228,9 +233,8 @@ class StaticDecoder:
         return self._logits.clone()
 
     def _broadcast_first_row(self) -> None:
-        for st in self.states:
-            for t in (st.k, st.v) if isinstance(st, _AttnState) else (st.conv, st.ssm) if st is not None else ():
-                t[1:] = t[:1]
+        for t in self._state_tensors():
+            t[1:] = t[:1]
         self._logits[1:] = self._logits[:1]
 
     def _copy_cache(self, cache, rows: slice, length: int) -> None:
@@ -283,7 +287,7 @@ class StaticDecoder:
     def _step_impl(self) -> None:
         B = self.batch_size
         h = self.embed(self._tokens[:, None])  # (B, 1, D)
-        length = (self._index + 1).expand(B)
+        length = (self._index + 1).to(torch.int32).repeat(B)  # contiguous int32 once per step, not per layer
         rope = None
         if self.rotary is not None:
             rope = self.rotary(h, (self._index - self._start)[:, None])

@@ -67,6 +67,15 @@ def test_triton_matches_reference_interpreter(batch, hq, hkv, lmax, dh):
 
 
 @pytest.mark.usefixtures("interpreter")
+def test_triton_broadcast_length_interpreter():
+    """A stride-0 ``length`` (one shared fill level expanded over the batch, as a decode step builds it)."""
+    q, k, v = make(3, 4, 2, 30, 16)
+    shared = torch.tensor([21], dtype=torch.int32).expand(3)
+    got = da.decode_attention(q, k, v, shared, backend="triton")
+    torch.testing.assert_close(got, da.decode_attention_reference(q, k, v, shared.contiguous()), **FP32_TOL)
+
+
+@pytest.mark.usefixtures("interpreter")
 def test_triton_bf16_interpreter():
     q, k, v = make(2, 4, 2, 40, 16, dtype=torch.bfloat16)
     length = torch.tensor([40, 17])
