@@ -17,15 +17,17 @@ The Triton path splits the sequence into chunks of ``chunk_size`` (the SSD algor
    autograd handles ``dt``, ``A`` and ``dt_bias``).
 2. ``_chunk_state_fwd``: the state each chunk produces from zero, ``(B, nchunks, H, P, N)``.
 3. ``_state_passing_fwd``: a sequential pass over chunks gives the state entering every chunk.
-4. ``_chunk_scan_fwd``: output = intra-chunk (masked, decayed ``C B^T`` "attention") + entering state
+4. ``_chunk_cb_fwd``: ``C B^T`` of every chunk, once per group (its heads share it).
+5. ``_chunk_scan_fwd``: output = intra-chunk (masked, decayed ``C B^T`` "attention") + entering state
    read out through ``C`` + ``D`` skip.
 
 The backward mirrors this: the gradient reaching each chunk-entry state from the outputs
-(``_chunk_dstate_bwd``), a reverse pass over chunks (``_state_passing_bwd``), then one program per
-(batch, chunk, head) that produces ``dx, ddt`` and the gradient of the cumulative sums and adds its
-share of ``dB, dC`` (shared by a group's heads) with fp32 atomics (``_chunk_scan_bwd``). Everything
-accumulates in fp32. Each program holds a whole chunk (tiles of chunk x chunk); this is simple but
-register-heavy: see BENCHMARKS.md for where that leaves it against mamba-ssm.
+(``_chunk_dstate_bwd``), a reverse pass over chunks (``_state_passing_bwd``), ``C B^T`` again, then
+``_chunk_dx_bwd`` (per head: ``dx``, ``ddt``, ``dD`` and the state parts of the cumulative-sum
+gradient), ``_chunk_dcb_bwd`` (per group: the gradient of ``C B^T``, summed over the group's heads, and
+the intra-chunk part of the cumulative-sum gradient) and ``_chunk_dbc_bwd`` (per group: ``dB`` and
+``dC``, every head's share summed in the program, no atomics). Every kernel works on blocks of a chunk
+(sizes in ``FWD_BLOCKS`` / ``BWD_BLOCKS``) and accumulates in fp32.
 """
 
 from __future__ import annotations
@@ -252,42 +254,74 @@ if triton is not None:
         L, H, NC, Q, P, N, HPG,
         sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
         HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-        BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+        BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
+        # State chunk c produces from zero, one (BP, BN) block of it: sum_k (x[k] r[k])^T B[k],
+        # r = decay to the chunk end * dt, the chunk walked in BK-long slices.
         pid_bc = tl.program_id(0)
         h = tl.program_id(1)
+        pid_pn = tl.program_id(2)
         bi = (pid_bc // NC).to(tl.int64)  # 64-bit offsets: B*L*H*P can pass 2**31
         c = pid_bc % NC
         g = h // HPG
-        oq = tl.arange(0, BQ)
-        op = tl.arange(0, BP)
-        on = tl.arange(0, BN)
-        pos = c * Q + oq
-        valid = (oq < Q) & (pos < L)
-        dtc = dt_ptr + ((bi * H + h) * NC + c) * Q
-        dt = tl.load(dtc + oq, mask=oq < Q, other=0.0)
-        cs = tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + oq, mask=oq < Q, other=0.0)
-        cs_last = tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + Q - 1)
-        r = tl.exp(cs_last - cs) * dt
-        r = tl.where(valid, r, 0.0)
+        npb = tl.cdiv(P, BP)
+        op = (pid_pn % npb) * BP + tl.arange(0, BP)
+        on = (pid_pn // npb) * BN + tl.arange(0, BN)
+        base = ((bi * H + h) * NC + c) * Q
+        cs_last = tl.load(cs_ptr + base + Q - 1)
         if HAS_SEQ:
-            sid = tl.load(sid_ptr + bi * ssb + pos * ssl, mask=valid, other=-1)
             s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
-            r = tl.where(sid == s_end, r, 0.0)
-        xv = tl.load(
-            x_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
-            mask=valid[:, None] & (op[None, :] < P),
-            other=0.0,
-        )
-        bv = tl.load(
-            b_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
-            mask=valid[:, None] & (on[None, :] < N),
-            other=0.0,
-        )
-        xr = (xv.to(tl.float32) * r[:, None]).to(xv.dtype)
-        st = tl.dot(tl.trans(xr).to(DOT), bv.to(DOT), input_precision=PREC)  # (P, N)
+        acc = tl.zeros((BP, BN), dtype=tl.float32)
+        for k0 in range(0, Q, BK):
+            ok = k0 + tl.arange(0, BK)
+            pos = c * Q + ok
+            valid = (ok < Q) & (pos < L)
+            dt = tl.load(dt_ptr + base + ok, mask=ok < Q, other=0.0)
+            cs = tl.load(cs_ptr + base + ok, mask=ok < Q, other=0.0)
+            r = tl.where(valid, tl.exp(cs_last - cs) * dt, 0.0)
+            if HAS_SEQ:
+                sid = tl.load(sid_ptr + bi * ssb + pos * ssl, mask=valid, other=-1)
+                r = tl.where(sid == s_end, r, 0.0)
+            xv = tl.load(x_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
+                         mask=valid[:, None] & (op[None, :] < P), other=0.0)
+            bv = tl.load(b_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
+                         mask=valid[:, None] & (on[None, :] < N), other=0.0)
+            xr = (xv.to(tl.float32) * r[:, None]).to(xv.dtype)
+            acc += tl.dot(tl.trans(xr).to(DOT), bv.to(DOT), input_precision=PREC)
         out = st_ptr + (((bi * NC + c) * H + h) * P) * N
-        tl.store(out + op[:, None] * N + on[None, :], st, mask=(op[:, None] < P) & (on[None, :] < N))
+        tl.store(out + op[:, None] * N + on[None, :], acc, mask=(op[:, None] < P) & (on[None, :] < N))
+
+    @triton.jit
+    def _chunk_cb_fwd(
+        c_ptr, b_ptr, cb_ptr, L, G, NC, Q, N, sbb, sbl, sbg,
+        DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+    ):  # fmt: skip
+        # C B^T of every chunk, once per GROUP (shared by its heads), (BM, BS) blocks on or below the
+        # diagonal only: the scan never uses the strictly upper (anti-causal) part, left unwritten.
+        pid_bc = tl.program_id(0)
+        g = tl.program_id(1)
+        pid_ms = tl.program_id(2)
+        nsb = tl.cdiv(Q, BS)
+        m0 = (pid_ms // nsb) * BM
+        s0 = (pid_ms % nsb) * BS
+        if s0 >= m0 + BM:
+            return
+        bi = (pid_bc // NC).to(tl.int64)
+        c = pid_bc % NC
+        om = m0 + tl.arange(0, BM)
+        os = s0 + tl.arange(0, BS)
+        vm = (om < Q) & (c * Q + om < L)
+        vs = (os < Q) & (c * Q + os < L)
+        acc = tl.zeros((BM, BS), dtype=tl.float32)
+        for k0 in range(0, N, BK):
+            ok = k0 + tl.arange(0, BK)
+            cv = tl.load(c_ptr + bi * sbb + (c * Q + om)[:, None] * sbl + g * sbg + ok[None, :],
+                         mask=vm[:, None] & (ok[None, :] < N), other=0.0)
+            bv = tl.load(b_ptr + bi * sbb + (c * Q + os)[:, None] * sbl + g * sbg + ok[None, :],
+                         mask=vs[:, None] & (ok[None, :] < N), other=0.0)
+            acc += tl.dot(cv.to(DOT), tl.trans(bv).to(DOT), input_precision=PREC)
+        out = cb_ptr + ((bi * NC + c) * G + g) * Q * Q
+        tl.store(out + om[:, None] * Q + os[None, :], acc, mask=(om[:, None] < Q) & (os[None, :] < Q))
 
     @triton.jit
     def _state_passing_fwd(
@@ -321,64 +355,72 @@ if triton is not None:
 
     @triton.jit
     def _chunk_scan_fwd(
-        x_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr, d_ptr, y_ptr,
-        L, H, NC, Q, P, N, HPG,
+        x_ptr, c_ptr, cb_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr, d_ptr, y_ptr,
+        L, H, G, NC, Q, P, N, HPG,
         sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
         HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-        BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+        BM: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, BKN: tl.constexpr,
     ):  # fmt: skip
+        # One (BM positions, BP channels) block of a chunk's output:
+        #   y[m] = exp(cs[m]) C[m] . S_in  +  sum_{s <= m} CB[m, s] exp(cs[m] - cs[s]) dt[s] x[s]  (+ D x[m])
+        # the state read-out walks N in BKN slices, the causal sum walks positions in BK slices and stops
+        # at the block's last row (the blocks above the diagonal are all zero).
         pid_bc = tl.program_id(0)
         h = tl.program_id(1)
+        pid_mp = tl.program_id(2)
         bi = (pid_bc // NC).to(tl.int64)  # 64-bit offsets: B*L*H*P can pass 2**31
         c = pid_bc % NC
         g = h // HPG
-        oq = tl.arange(0, BQ)
-        op = tl.arange(0, BP)
-        on = tl.arange(0, BN)
-        pos = c * Q + oq
-        valid = (oq < Q) & (pos < L)
+        npb = tl.cdiv(P, BP)
+        m0 = (pid_mp // npb) * BM
+        om = m0 + tl.arange(0, BM)
+        op = (pid_mp % npb) * BP + tl.arange(0, BP)
+        pos_m = c * Q + om
+        vm = (om < Q) & (pos_m < L)
         base = ((bi * H + h) * NC + c) * Q
-        dt = tl.load(dt_ptr + base + oq, mask=oq < Q, other=0.0)
-        cs = tl.load(cs_ptr + base + oq, mask=oq < Q, other=0.0)
-        q = tl.where(valid, tl.exp(cs), 0.0)
-        causal = (oq[:, None] >= oq[None, :]) & valid[:, None] & valid[None, :]
+        cs_m = tl.load(cs_ptr + base + om, mask=om < Q, other=0.0)
+        q = tl.where(vm, tl.exp(cs_m), 0.0)
         if HAS_SEQ:
-            sid = tl.load(sid_ptr + bi * ssb + pos * ssl, mask=valid, other=-1)
+            sid_m = tl.load(sid_ptr + bi * ssb + pos_m * ssl, mask=vm, other=-1)
             s_prev = tl.load(sid_ptr + bi * ssb + tl.maximum(c * Q - 1, 0) * ssl)
-            q = tl.where(sid == s_prev, q, 0.0)
-            causal = causal & (sid[:, None] == sid[None, :])
-        xv = tl.load(
-            x_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
-            mask=valid[:, None] & (op[None, :] < P),
-            other=0.0,
-        )
-        cv = tl.load(
-            c_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
-            mask=valid[:, None] & (on[None, :] < N),
-            other=0.0,
-        )
-        bv = tl.load(
-            b_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
-            mask=valid[:, None] & (on[None, :] < N),
-            other=0.0,
-        )
-        st = tl.load(
-            st_ptr + (((bi * NC + c) * H + h) * P) * N + op[None, :] * N + on[:, None],
-            mask=(op[None, :] < P) & (on[:, None] < N),
-            other=0.0,
-        )  # (N, P): the entering state, transposed
-        acc = tl.dot(cv.to(DOT), st.to(cv.dtype).to(DOT), input_precision=PREC) * q[:, None]  # (Q, P)
-        cb = tl.dot(cv.to(DOT), tl.trans(bv).to(DOT), input_precision=PREC)  # (Q, Q)
-        diff = tl.where(causal, cs[:, None] - cs[None, :], float("-inf"))
-        mdec = cb * tl.exp(diff) * dt[None, :]
-        acc += tl.dot(mdec.to(xv.dtype).to(DOT), xv.to(DOT), input_precision=PREC)
+            q = tl.where(sid_m == s_prev, q, 0.0)
+        acc = tl.zeros((BM, BP), dtype=tl.float32)
+        st = st_ptr + (((bi * NC + c) * H + h) * P) * N
+        for k0 in range(0, N, BKN):
+            on = k0 + tl.arange(0, BKN)
+            cv = tl.load(c_ptr + bi * sbb + pos_m[:, None] * sbl + g * sbg + on[None, :],
+                         mask=vm[:, None] & (on[None, :] < N), other=0.0)
+            sv = tl.load(st + op[None, :] * N + on[:, None], mask=(op[None, :] < P) & (on[:, None] < N),
+                         other=0.0)  # (BKN, BP): the entering state, transposed
+            acc += tl.dot(cv.to(DOT), sv.to(cv.dtype).to(DOT), input_precision=PREC)
+        acc = acc * q[:, None]
+        cbp = cb_ptr + ((bi * NC + c) * G + g) * Q * Q
+        hi = tl.minimum(m0 + BM, Q)
+        for k0 in range(0, hi, BK):
+            os = k0 + tl.arange(0, BK)
+            pos_s = c * Q + os
+            vs = (os < Q) & (pos_s < L)
+            cs_s = tl.load(cs_ptr + base + os, mask=os < Q, other=0.0)
+            dt_s = tl.load(dt_ptr + base + os, mask=os < Q, other=0.0)
+            causal = (om[:, None] >= os[None, :]) & vm[:, None] & vs[None, :]
+            if HAS_SEQ:
+                sid_s = tl.load(sid_ptr + bi * ssb + pos_s * ssl, mask=vs, other=-2)
+                causal = causal & (sid_m[:, None] == sid_s[None, :])
+            cbv = tl.load(cbp + om[:, None] * Q + os[None, :], mask=causal, other=0.0)
+            decay = tl.exp(tl.where(causal, cs_m[:, None] - cs_s[None, :], float("-inf")))
+            w = tl.where(causal, cbv * decay * dt_s[None, :], 0.0)
+            xv = tl.load(x_ptr + bi * sxb + pos_s[:, None] * sxl + h * sxh + op[None, :],
+                         mask=vs[:, None] & (op[None, :] < P), other=0.0)
+            acc += tl.dot(w.to(xv.dtype).to(DOT), xv.to(DOT), input_precision=PREC)
         if HAS_D:
+            xm = tl.load(x_ptr + bi * sxb + pos_m[:, None] * sxl + h * sxh + op[None, :],
+                         mask=vm[:, None] & (op[None, :] < P), other=0.0)
             dv = tl.load(d_ptr + h * P + op, mask=op < P, other=0.0).to(tl.float32)
-            acc += xv.to(tl.float32) * dv[None, :]
+            acc += xm.to(tl.float32) * dv[None, :]
         tl.store(
-            y_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
+            y_ptr + bi * sxb + pos_m[:, None] * sxl + h * sxh + op[None, :],
             acc.to(y_ptr.dtype.element_ty),
-            mask=valid[:, None] & (op[None, :] < P),
+            mask=vm[:, None] & (op[None, :] < P),
         )
 
     @triton.jit
@@ -456,92 +498,232 @@ if triton is not None:
         tl.store(dinit_ptr + (bi * H + h) * PN + o, d, mask=m)
 
     @triton.jit
-    def _chunk_scan_bwd(
-        x_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr, ds_ptr, d_ptr, dg_ptr, dy_ptr,
-        dx_ptr, db_ptr, dc_ptr, ddt_ptr, dcs_ptr, dd_ptr,
-        L, H, NC, Q, P, N, HPG,
+    def _chunk_dx_bwd(
+        x_ptr, b_ptr, c_ptr, cb_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr, ds_ptr, d_ptr, dg_ptr, dy_ptr,
+        dx_ptr, ddt_ptr, dcs_ptr, dd_ptr,
+        L, H, G, NC, Q, P, N, HPG,
         sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
         HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-        BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+        BS: tl.constexpr, BP: tl.constexpr, BL: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
-        # One program per (batch, chunk, head); dB and dC (shared by the heads of a group) are summed
-        # with fp32 atomics into zero-initialised buffers.
+        # Per head, one (BS source positions, BP channels) block:
+        #   u[s]  = sum_{l >= s} CB[l, s] exp(cs[l] - cs[s]) dy[l]      (intra-chunk)
+        #   v[s]  = B[s] . dS_out                                        (the state the chunk leaves)
+        #   dx[s] = dt[s] (u + rr[s] v) + D dy[s],  ddt[s] = x[s] . (u + rr[s] v)
+        # and the parts of d(cumsum) that need no C B^T gradient (added with atomics: P is blocked).
         pid_bc = tl.program_id(0)
         h = tl.program_id(1)
+        pid_sp = tl.program_id(2)
         bi = (pid_bc // NC).to(tl.int64)
         c = pid_bc % NC
         g = h // HPG
-        oq = tl.arange(0, BQ)
-        op = tl.arange(0, BP)
-        on = tl.arange(0, BN)
-        pos = c * Q + oq
-        valid = (oq < Q) & (pos < L)
-        mqn = valid[:, None] & (on[None, :] < N)
-        mqp = valid[:, None] & (op[None, :] < P)
-        mpn = (op[:, None] < P) & (on[None, :] < N)
-        bv = tl.load(b_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :], mask=mqn, other=0.0)
-        cv = tl.load(c_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :], mask=mqn, other=0.0)
-        cb = tl.dot(cv.to(DOT), tl.trans(bv).to(DOT), input_precision=PREC)  # (Q, Q)
-        causal = (oq[:, None] >= oq[None, :]) & valid[:, None] & valid[None, :]
-        seq_ok_prev = valid
-        seq_ok_end = valid
+        npb = tl.cdiv(P, BP)
+        s0 = (pid_sp // npb) * BS
+        op = (pid_sp % npb) * BP + tl.arange(0, BP)
+        os = s0 + tl.arange(0, BS)
+        pos_s = c * Q + os
+        vs = (os < Q) & (pos_s < L)
+        base = ((bi * H + h) * NC + c) * Q
+        cs_s = tl.load(cs_ptr + base + os, mask=os < Q, other=0.0)
+        dt_s = tl.load(dt_ptr + base + os, mask=os < Q, other=0.0)
+        cs_last = tl.load(cs_ptr + base + Q - 1)
+        ok_prev = vs
+        ok_end = vs
         if HAS_SEQ:
-            sid = tl.load(sid_ptr + bi * ssb + pos * ssl, mask=valid, other=-1)
+            sid_s = tl.load(sid_ptr + bi * ssb + pos_s * ssl, mask=vs, other=-1)
             s_prev = tl.load(sid_ptr + bi * ssb + tl.maximum(c * Q - 1, 0) * ssl)
             s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
-            causal = causal & (sid[:, None] == sid[None, :])
-            seq_ok_prev = seq_ok_prev & (sid == s_prev)
-            seq_ok_end = seq_ok_end & (sid == s_end)
-        db_acc = tl.zeros((BQ, BN), dtype=tl.float32)
-        dc_acc = tl.zeros((BQ, BN), dtype=tl.float32)
-        base = ((bi * H + h) * NC + c) * Q
-        dt = tl.load(dt_ptr + base + oq, mask=oq < Q, other=0.0)
-        cs = tl.load(cs_ptr + base + oq, mask=oq < Q, other=0.0)
-        cs_last = tl.load(cs_ptr + base + Q - 1)
-        q = tl.where(seq_ok_prev, tl.exp(cs), 0.0)
-        rr = tl.where(seq_ok_end, tl.exp(cs_last - cs), 0.0)  # decay to the chunk end
-        xoff = bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :]
-        xv = tl.load(x_ptr + xoff, mask=mqp, other=0.0)
-        dy = tl.load(dy_ptr + xoff, mask=mqp, other=0.0)
-        soff = (((bi * NC + c) * H + h) * P) * N + op[:, None] * N + on[None, :]
-        s_in = tl.load(st_ptr + soff, mask=mpn, other=0.0)  # (P, N) state entering the chunk
-        ds = tl.load(ds_ptr + soff, mask=mpn, other=0.0)  # (P, N) grad of state leaving it
-        dcdt = dy.dtype
-        # Ordered so that at most three (Q, Q) tiles are live at once (register pressure).
-        mdec = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))  # (Q, Q)
-        # w[l, s] = decay * dt[s] * (dy[l] . x[s]): feeds dB, dC and the cumsum gradient.
-        w = mdec * tl.dot(dy.to(DOT), tl.trans(xv).to(DOT), input_precision=PREC) * dt[None, :]
-        db_acc += tl.dot(tl.trans(w.to(cv.dtype)).to(DOT), cv.to(DOT), input_precision=PREC)
-        dc_acc += tl.dot(w.to(bv.dtype).to(DOT), bv.to(DOT), input_precision=PREC)
-        t = cb * w
-        dcs = tl.sum(t, axis=1) - tl.sum(t, axis=0)
-        u = tl.dot(tl.trans((cb * mdec).to(dcdt)).to(DOT), dy.to(DOT), input_precision=PREC)  # (Q, P): sum_l M[l, s] dy[l, p]
-        v = tl.dot(bv.to(DOT), tl.trans(ds).to(bv.dtype).to(DOT), input_precision=PREC)  # (Q, P): B[s] . dS[p]
+            ok_prev = ok_prev & (sid_s == s_prev)
+            ok_end = ok_end & (sid_s == s_end)
+        q = tl.where(ok_prev, tl.exp(cs_s), 0.0)
+        rr = tl.where(ok_end, tl.exp(cs_last - cs_s), 0.0)
+        cbp = cb_ptr + ((bi * NC + c) * G + g) * Q * Q
+        mp = op[None, :] < P
+        u = tl.zeros((BS, BP), dtype=tl.float32)
+        for l0 in range(s0, Q, BL):
+            ol = l0 + tl.arange(0, BL)
+            pos_l = c * Q + ol
+            vl = (ol < Q) & (pos_l < L)
+            cs_l = tl.load(cs_ptr + base + ol, mask=ol < Q, other=0.0)
+            causal = (ol[:, None] >= os[None, :]) & vl[:, None] & vs[None, :]
+            if HAS_SEQ:
+                sid_l = tl.load(sid_ptr + bi * ssb + pos_l * ssl, mask=vl, other=-2)
+                causal = causal & (sid_l[:, None] == sid_s[None, :])
+            cbv = tl.load(cbp + ol[:, None] * Q + os[None, :], mask=causal, other=0.0)
+            mt = tl.where(causal, cbv * tl.exp(tl.where(causal, cs_l[:, None] - cs_s[None, :], float("-inf"))), 0.0)
+            dyl = tl.load(dy_ptr + bi * sxb + pos_l[:, None] * sxl + h * sxh + op[None, :],
+                          mask=vl[:, None] & mp, other=0.0)
+            u += tl.dot(tl.trans(mt.to(dyl.dtype)).to(DOT), dyl.to(DOT), input_precision=PREC)
+        v = tl.zeros((BS, BP), dtype=tl.float32)
+        yoff = tl.zeros((BS, BP), dtype=tl.float32)
+        sbase = (((bi * NC + c) * H + h) * P) * N
+        for n0 in range(0, N, BN):
+            on = n0 + tl.arange(0, BN)
+            mn = vs[:, None] & (on[None, :] < N)
+            bv = tl.load(b_ptr + bi * sbb + pos_s[:, None] * sbl + g * sbg + on[None, :], mask=mn, other=0.0)
+            cv = tl.load(c_ptr + bi * sbb + pos_s[:, None] * sbl + g * sbg + on[None, :], mask=mn, other=0.0)
+            mnp = (on[:, None] < N) & mp
+            dsv = tl.load(ds_ptr + sbase + op[None, :] * N + on[:, None], mask=mnp, other=0.0)  # (BN, BP)
+            sin = tl.load(st_ptr + sbase + op[None, :] * N + on[:, None], mask=mnp, other=0.0)
+            v += tl.dot(bv.to(DOT), dsv.to(bv.dtype).to(DOT), input_precision=PREC)
+            yoff += tl.dot(cv.to(DOT), sin.to(cv.dtype).to(DOT), input_precision=PREC)
+        xoff = bi * sxb + pos_s[:, None] * sxl + h * sxh + op[None, :]
+        mxp = vs[:, None] & mp
+        xf = tl.load(x_ptr + xoff, mask=mxp, other=0.0).to(tl.float32)
+        dyf = tl.load(dy_ptr + xoff, mask=mxp, other=0.0).to(tl.float32)
         grad_pre = u + rr[:, None] * v
-        dxv = dt[:, None] * grad_pre
+        dxv = dt_s[:, None] * grad_pre
         if HAS_D:
             dv = tl.load(d_ptr + h * P + op, mask=op < P, other=0.0).to(tl.float32)
-            dxv += dv[None, :] * dy.to(tl.float32)
-            tl.store(
-                dd_ptr + ((bi * NC + c) * H + h) * P + op,
-                tl.sum(dy.to(tl.float32) * xv.to(tl.float32), axis=0),
-                mask=op < P,
-            )
-        tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=mqp)
-        xf = xv.to(tl.float32)
-        tl.store(ddt_ptr + base + oq, tl.sum(xf * grad_pre, axis=1), mask=oq < Q)
-        dc_acc += q[:, None] * tl.dot(dy.to(DOT), s_in.to(dy.dtype).to(DOT), input_precision=PREC)
-        # x @ dS : (Q, P) @ (P, N) -> contribution of each position to the state leaving the chunk
-        db_acc += (rr * dt)[:, None] * tl.dot(xv.to(DOT), ds.to(xv.dtype).to(DOT), input_precision=PREC)
-        yoff = tl.dot(cv.to(DOT), tl.trans(s_in).to(cv.dtype).to(DOT), input_precision=PREC) * q[:, None]  # (Q, P)
-        wst = rr * dt * tl.sum(xf * v, axis=1)  # (Q,)
-        dcs += tl.sum(dy.to(tl.float32) * yoff, axis=1) - wst
-        dg = tl.load(dg_ptr + (bi * H + h) * NC + c)
-        dcs += tl.where(oq == Q - 1, tl.sum(wst, axis=0) + dg, 0.0)
-        tl.store(dcs_ptr + base + oq, dcs, mask=oq < Q)
-        goff = bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :]
-        tl.atomic_add(db_ptr + goff, db_acc, mask=mqn)
-        tl.atomic_add(dc_ptr + goff, dc_acc, mask=mqn)
+            dxv += dv[None, :] * dyf
+            tl.atomic_add(dd_ptr + h * P + op, tl.sum(dyf * xf, axis=0), mask=op < P)
+        tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=mxp)
+        tl.atomic_add(ddt_ptr + base + os, tl.sum(xf * grad_pre, axis=1), mask=os < Q)
+        wst = rr * dt_s * tl.sum(xf * v, axis=1)
+        dcs = q * tl.sum(dyf * yoff, axis=1) - wst
+        # the chunk's last position carries the decay to the chunk end of every position and dg
+        last = tl.sum(wst, axis=0)
+        if pid_sp == 0:
+            last += tl.load(dg_ptr + (bi * H + h) * NC + c)
+        tl.atomic_add(dcs_ptr + base + os, dcs, mask=os < Q)
+        tl.atomic_add(dcs_ptr + base + Q - 1, last)
+
+    @triton.jit
+    def _chunk_dcb_bwd(
+        x_ptr, cb_ptr, dt_ptr, cs_ptr, sid_ptr, dy_ptr, dcb_ptr, dcs_ptr,
+        L, H, G, NC, Q, P, HPG,
+        sxb, sxl, sxh, ssb, ssl,
+        HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+        BM: tl.constexpr, BS: tl.constexpr, BP: tl.constexpr,
+    ):  # fmt: skip
+        # Per GROUP, one (BM, BS) block on or below the diagonal of the C B^T gradient, summed over
+        # the group's heads:  W_h[l, s] = exp(cs[l] - cs[s]) dt[s] (dy[l] . x[s]),  dCB = sum_h W_h.
+        # Each head's d(cumsum) share through exp(cs[l] - cs[s]) (t = CB * W: +row sums, -column sums)
+        # is added with atomics.
+        pid_bc = tl.program_id(0)
+        g = tl.program_id(1)
+        pid_ms = tl.program_id(2)
+        nsb = tl.cdiv(Q, BS)
+        m0 = (pid_ms // nsb) * BM
+        s0 = (pid_ms % nsb) * BS
+        if s0 >= m0 + BM:
+            return
+        bi = (pid_bc // NC).to(tl.int64)
+        c = pid_bc % NC
+        om = m0 + tl.arange(0, BM)
+        os = s0 + tl.arange(0, BS)
+        pos_m = c * Q + om
+        pos_s = c * Q + os
+        vm = (om < Q) & (pos_m < L)
+        vs = (os < Q) & (pos_s < L)
+        causal = (om[:, None] >= os[None, :]) & vm[:, None] & vs[None, :]
+        if HAS_SEQ:
+            sid_m = tl.load(sid_ptr + bi * ssb + pos_m * ssl, mask=vm, other=-1)
+            sid_s = tl.load(sid_ptr + bi * ssb + pos_s * ssl, mask=vs, other=-2)
+            causal = causal & (sid_m[:, None] == sid_s[None, :])
+        cbp = cb_ptr + ((bi * NC + c) * G + g) * Q * Q
+        cbv = tl.load(cbp + om[:, None] * Q + os[None, :], mask=causal, other=0.0)
+        acc = tl.zeros((BM, BS), dtype=tl.float32)
+        for hh in range(HPG):
+            h = g * HPG + hh
+            base = ((bi * H + h) * NC + c) * Q
+            cs_m = tl.load(cs_ptr + base + om, mask=om < Q, other=0.0)
+            cs_s = tl.load(cs_ptr + base + os, mask=os < Q, other=0.0)
+            dt_s = tl.load(dt_ptr + base + os, mask=os < Q, other=0.0)
+            dyx = tl.zeros((BM, BS), dtype=tl.float32)
+            for p0 in range(0, P, BP):
+                op = p0 + tl.arange(0, BP)
+                dym = tl.load(dy_ptr + bi * sxb + pos_m[:, None] * sxl + h * sxh + op[None, :],
+                              mask=vm[:, None] & (op[None, :] < P), other=0.0)
+                xs_ = tl.load(x_ptr + bi * sxb + pos_s[:, None] * sxl + h * sxh + op[None, :],
+                              mask=vs[:, None] & (op[None, :] < P), other=0.0)
+                dyx += tl.dot(dym.to(DOT), tl.trans(xs_).to(DOT), input_precision=PREC)
+            decay = tl.exp(tl.where(causal, cs_m[:, None] - cs_s[None, :], float("-inf")))
+            w = tl.where(causal, decay * dt_s[None, :] * dyx, 0.0)
+            acc += w
+            t = cbv * w
+            tl.atomic_add(dcs_ptr + base + om, tl.sum(t, axis=1), mask=om < Q)
+            tl.atomic_add(dcs_ptr + base + os, -tl.sum(t, axis=0), mask=os < Q)
+        out = dcb_ptr + ((bi * NC + c) * G + g) * Q * Q
+        tl.store(out + om[:, None] * Q + os[None, :], acc, mask=(om[:, None] < Q) & (os[None, :] < Q))
+
+    @triton.jit
+    def _chunk_dbc_bwd(
+        x_ptr, b_ptr, c_ptr, dcb_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr, ds_ptr, dy_ptr, db_ptr, dc_ptr,
+        L, H, G, NC, Q, P, N, HPG,
+        sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
+        HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
+    ):  # fmt: skip
+        # Per GROUP, one (BM positions, BN state channels) block of dB and dC, every head's share summed
+        # here (no atomics):
+        #   dC[l] = sum_h q_h[l] dy_h[l] S_in_h  +  sum_{s <= l} dCB[l, s] B[s]
+        #   dB[s] = sum_h rr_h[s] dt_h[s] x_h[s] dS_out_h  +  sum_{l >= s} dCB[l, s] C[l]
+        pid_bc = tl.program_id(0)
+        g = tl.program_id(1)
+        pid_mn = tl.program_id(2)
+        bi = (pid_bc // NC).to(tl.int64)
+        c = pid_bc % NC
+        nnb = tl.cdiv(N, BN)
+        m0 = (pid_mn // nnb) * BM
+        om = m0 + tl.arange(0, BM)
+        on = (pid_mn % nnb) * BN + tl.arange(0, BN)
+        pos_m = c * Q + om
+        vm = (om < Q) & (pos_m < L)
+        ok_prev = vm
+        ok_end = vm
+        if HAS_SEQ:
+            sid_m = tl.load(sid_ptr + bi * ssb + pos_m * ssl, mask=vm, other=-1)
+            s_prev = tl.load(sid_ptr + bi * ssb + tl.maximum(c * Q - 1, 0) * ssl)
+            s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
+            ok_prev = ok_prev & (sid_m == s_prev)
+            ok_end = ok_end & (sid_m == s_end)
+        acc_c = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_b = tl.zeros((BM, BN), dtype=tl.float32)
+        for hh in range(HPG):
+            h = g * HPG + hh
+            base = ((bi * H + h) * NC + c) * Q
+            cs_m = tl.load(cs_ptr + base + om, mask=om < Q, other=0.0)
+            dt_m = tl.load(dt_ptr + base + om, mask=om < Q, other=0.0)
+            cs_last = tl.load(cs_ptr + base + Q - 1)
+            q = tl.where(ok_prev, tl.exp(cs_m), 0.0)
+            rrdt = tl.where(ok_end, tl.exp(cs_last - cs_m), 0.0) * dt_m
+            sbase = (((bi * NC + c) * H + h) * P) * N
+            for p0 in range(0, P, BP):
+                op = p0 + tl.arange(0, BP)
+                mxp = vm[:, None] & (op[None, :] < P)
+                xoff = bi * sxb + pos_m[:, None] * sxl + h * sxh + op[None, :]
+                dym = tl.load(dy_ptr + xoff, mask=mxp, other=0.0)
+                xm = tl.load(x_ptr + xoff, mask=mxp, other=0.0)
+                mpn = (op[:, None] < P) & (on[None, :] < N)
+                sin = tl.load(st_ptr + sbase + op[:, None] * N + on[None, :], mask=mpn, other=0.0)
+                dsv = tl.load(ds_ptr + sbase + op[:, None] * N + on[None, :], mask=mpn, other=0.0)
+                dyq = (dym.to(tl.float32) * q[:, None]).to(dym.dtype)
+                xr = (xm.to(tl.float32) * rrdt[:, None]).to(xm.dtype)
+                acc_c += tl.dot(dyq.to(DOT), sin.to(dym.dtype).to(DOT), input_precision=PREC)
+                acc_b += tl.dot(xr.to(DOT), dsv.to(xm.dtype).to(DOT), input_precision=PREC)
+        dcbp = dcb_ptr + ((bi * NC + c) * G + g) * Q * Q
+        gb = bi * sbb + g * sbg
+        for k0 in range(0, tl.minimum(m0 + BM, Q), BK):  # dC: s <= l
+            ok = k0 + tl.arange(0, BK)
+            vk = (ok < Q) & (c * Q + ok < L)
+            low = (om[:, None] >= ok[None, :]) & vm[:, None] & vk[None, :]
+            dcbv = tl.load(dcbp + om[:, None] * Q + ok[None, :], mask=low, other=0.0)  # (BM, BK): [l, s]
+            bv = tl.load(b_ptr + gb + (c * Q + ok)[:, None] * sbl + on[None, :],
+                         mask=vk[:, None] & (on[None, :] < N), other=0.0)
+            acc_c += tl.dot(dcbv.to(bv.dtype).to(DOT), bv.to(DOT), input_precision=PREC)
+        for k0 in range(m0, Q, BK):  # dB: l >= s
+            ok = k0 + tl.arange(0, BK)
+            vk = (ok < Q) & (c * Q + ok < L)
+            up = (ok[:, None] >= om[None, :]) & vk[:, None] & vm[None, :]
+            dcbv = tl.load(dcbp + ok[:, None] * Q + om[None, :], mask=up, other=0.0)  # (BK, BM): [l, s]
+            cv = tl.load(c_ptr + gb + (c * Q + ok)[:, None] * sbl + on[None, :],
+                         mask=vk[:, None] & (on[None, :] < N), other=0.0)
+            acc_b += tl.dot(tl.trans(dcbv.to(cv.dtype)).to(DOT), cv.to(DOT), input_precision=PREC)
+        goff = gb + pos_m[:, None] * sbl + on[None, :]
+        mqn = vm[:, None] & (on[None, :] < N)
+        tl.store(db_ptr + goff, acc_b.to(db_ptr.dtype.element_ty), mask=mqn)
+        tl.store(dc_ptr + goff, acc_c.to(dc_ptr.dtype.element_ty), mask=mqn)
 
 
 def _dot_cfg(dtype: torch.dtype, dstate: int) -> dict:
@@ -569,6 +751,37 @@ def _launch_cfg(q: int, p: int, n: int) -> dict:
     return {"num_warps": 8 if work >= 128 * 64 else 4, "num_stages": 1}
 
 
+# Forward tile sizes (upper bounds: each is clipped to the padded dimension it blocks) and launch
+# settings; module-level so that scripts/bench_kernels.py --sweep can try others on a GPU.
+FWD_BLOCKS: dict[str, dict[str, int]] = {
+    "state": {"BP": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 2},
+    "cb": {"BM": 64, "BS": 64, "BK": 64, "num_warps": 4, "num_stages": 2},
+    "scan": {"BM": 64, "BP": 64, "BK": 32, "BKN": 32, "num_warps": 4, "num_stages": 3},
+}
+# The sequential passes over chunks are latency-bound: many small programs keep more loads in flight.
+STATE_PASSING: dict[str, int] = {"BLOCK": 256, "num_warps": 4, "num_stages": 2}
+BWD_BLOCKS: dict[str, dict[str, int]] = {
+    "dx": {"BS": 64, "BP": 64, "BL": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+    "dcb": {"BM": 64, "BS": 64, "BP": 64, "num_warps": 4, "num_stages": 2},
+    "dbc": {"BM": 64, "BN": 64, "BP": 64, "BK": 64, "num_warps": 4, "num_stages": 2},
+}
+_BLOCK_DIM = {"BP": "p", "BN": "n", "BK": "q", "BM": "q", "BS": "q", "BKN": "n", "BL": "q"}
+
+
+def _clip_blocks(table: dict[str, dict[str, int]], q: int, p: int, n: int) -> dict[str, dict[str, int]]:
+    dims = {"q": _pow2(q), "p": _pow2(p), "n": _pow2(n)}
+    return {kernel: {k: (min(v, dims[_BLOCK_DIM[k]]) if k in _BLOCK_DIM else v) for k, v in cfg.items()}
+            for kernel, cfg in table.items()}
+
+
+def _fwd_blocks(q: int, p: int, n: int) -> dict[str, dict[str, int]]:
+    return _clip_blocks(FWD_BLOCKS, q, p, n)
+
+
+def _bwd_blocks(q: int, p: int, n: int) -> dict[str, dict[str, int]]:
+    return _clip_blocks(BWD_BLOCKS, q, p, n)
+
+
 class _SSDChunkScanFn(torch.autograd.Function):
     """Core chunked scan on pre-processed inputs.
 
@@ -585,34 +798,41 @@ class _SSDChunkScanFn(torch.autograd.Function):
         nchunks = dtc.shape[2]
         hpg = nheads // ngroups
         dot = _dot_cfg(x.dtype, dstate)
-        BQ, BP, BN = _pow2(chunk_size), _pow2(headdim), _pow2(dstate)
-        cfg = _launch_cfg(chunk_size, headdim, dstate)
         has_seq = seq_idx is not None
         sid = seq_idx if has_seq else dtc  # dummy pointer when unused
         ssb, ssl = (seq_idx.stride(0), seq_idx.stride(1)) if has_seq else (0, 0)
         xs = (x.stride(0), x.stride(1), x.stride(2))
         bs = (B.stride(0), B.stride(1), B.stride(2))
         states = torch.empty(bsz, nchunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
-        grid = (bsz * nchunks, nheads)
-        _chunk_state_fwd[grid](
+        fb = _fwd_blocks(chunk_size, headdim, dstate)
+        st_cfg, cb_cfg, sc_cfg = fb["state"], fb["cb"], fb["scan"]
+        npn = triton.cdiv(headdim, st_cfg["BP"]) * triton.cdiv(dstate, st_cfg["BN"])
+        _chunk_state_fwd[(bsz * nchunks, nheads, npn)](
             x, B, dtc, cs, sid, states, seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg,
-            *xs, *bs, ssb, ssl, HAS_SEQ=has_seq, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
+            *xs, *bs, ssb, ssl, HAS_SEQ=has_seq, **dot, **st_cfg,
         )  # fmt: skip
         final = torch.empty(bsz, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
         pn = headdim * dstate
-        block = min(1024, triton.next_power_of_2(pn))
+        block = min(STATE_PASSING["BLOCK"], triton.next_power_of_2(pn))
         has_init = initial_states is not None
         _state_passing_fwd[(bsz, nheads, triton.cdiv(pn, block))](
             states, initial_states if has_init else final, cs, sid, final,
             seqlen, nheads, nchunks, chunk_size, pn, ssb, ssl,
-            HAS_INIT=has_init, HAS_SEQ=has_seq, BLOCK=block, num_stages=1,
+            HAS_INIT=has_init, HAS_SEQ=has_seq, BLOCK=block,
+            num_warps=STATE_PASSING["num_warps"], num_stages=STATE_PASSING["num_stages"],
+        )  # fmt: skip
+        cb = torch.empty(bsz, nchunks, ngroups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
+        nmb = triton.cdiv(chunk_size, cb_cfg["BM"])
+        _chunk_cb_fwd[(bsz * nchunks, ngroups, nmb * triton.cdiv(chunk_size, cb_cfg["BS"]))](
+            C, B, cb, seqlen, ngroups, nchunks, chunk_size, dstate, *bs, **dot, **cb_cfg,
         )  # fmt: skip
         y = torch.empty_like(x)
         has_d = D is not None
-        _chunk_scan_fwd[grid](
-            x, B, C, dtc, cs, sid, states, D if has_d else dtc, y,
-            seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
-            HAS_SEQ=has_seq, HAS_D=has_d, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
+        nmb = triton.cdiv(chunk_size, sc_cfg["BM"]) * triton.cdiv(headdim, sc_cfg["BP"])
+        _chunk_scan_fwd[(bsz * nchunks, nheads, nmb)](
+            x, C, cb, dtc, cs, sid, states, D if has_d else dtc, y,
+            seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
+            HAS_SEQ=has_seq, HAS_D=has_d, **dot, **sc_cfg,
         )  # fmt: skip
         ctx.save_for_backward(x, dtc, cs, B, C, D, seq_idx, states)
         ctx.chunk_size = chunk_size
@@ -645,7 +865,7 @@ class _SSDChunkScanFn(torch.autograd.Function):
             *xs, *bs, ssb, ssl, HAS_SEQ=has_seq, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
         )  # fmt: skip
         pn = headdim * dstate
-        block = min(1024, triton.next_power_of_2(pn))
+        block = min(STATE_PASSING["BLOCK"], triton.next_power_of_2(pn))
         nblk = triton.cdiv(pn, block)
         dinit = torch.empty(bsz, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
         dg = torch.empty(bsz, nheads, nchunks, nblk, device=x.device, dtype=torch.float32)
@@ -653,29 +873,46 @@ class _SSDChunkScanFn(torch.autograd.Function):
         _state_passing_bwd[(bsz, nheads, nblk)](
             dstates, states, cs, sid, dfinal.float().contiguous() if has_dfinal else dinit, dinit, dg,
             seqlen, nheads, nchunks, chunk_size, pn, nblk, ssb, ssl,
-            HAS_DFINAL=has_dfinal, HAS_SEQ=has_seq, BLOCK=block, num_stages=1,
+            HAS_DFINAL=has_dfinal, HAS_SEQ=has_seq, BLOCK=block,
+            num_warps=STATE_PASSING["num_warps"], num_stages=STATE_PASSING["num_stages"],
         )  # fmt: skip
         dg = dg.sum(-1).contiguous()
-        dx = torch.empty_like(x)
-        dB = torch.zeros(B.shape, device=x.device, dtype=torch.float32)
-        dC = torch.zeros(C.shape, device=x.device, dtype=torch.float32)
-        ddt = torch.empty_like(dtc)
-        dcs = torch.empty_like(cs)
-        has_d = D is not None
-        dD = (
-            torch.empty(bsz, nchunks, nheads, headdim, device=x.device, dtype=torch.float32)
-            if has_d
-            else None
-        )
-        _chunk_scan_bwd[(bsz * nchunks, nheads)](
-            x, B, C, dtc, cs, sid, states, dstates, D if has_d else dtc, dg, dy,
-            dx, dB, dC, ddt, dcs, dD if has_d else dtc,
-            seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
-            HAS_SEQ=has_seq, HAS_D=has_d, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
+        bb = _bwd_blocks(chunk_size, headdim, dstate)
+        fb = _fwd_blocks(chunk_size, headdim, dstate)["cb"]
+        cb = torch.empty(bsz, nchunks, ngroups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
+        ncb = triton.cdiv(chunk_size, fb["BM"]) * triton.cdiv(chunk_size, fb["BS"])
+        _chunk_cb_fwd[(bsz * nchunks, ngroups, ncb)](
+            C, B, cb, seqlen, ngroups, nchunks, chunk_size, dstate, *bs, **dot, **fb,
         )  # fmt: skip
-        dD_out = dD.sum((0, 1)) if has_d else None
+        dx = torch.empty_like(x)
+        ddt = torch.zeros_like(dtc)
+        dcs = torch.zeros_like(cs)
+        has_d = D is not None
+        dD = torch.zeros(nheads, headdim, device=x.device, dtype=torch.float32) if has_d else None
+        k = bb["dx"]
+        _chunk_dx_bwd[(bsz * nchunks, nheads, triton.cdiv(chunk_size, k["BS"]) * triton.cdiv(headdim, k["BP"]))](
+            x, B, C, cb, dtc, cs, sid, states, dstates, D if has_d else dtc, dg, dy,
+            dx, ddt, dcs, dD if has_d else dtc,
+            seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
+            HAS_SEQ=has_seq, HAS_D=has_d, **dot, **k,
+        )  # fmt: skip
+        k = bb["dcb"]
+        dcb = torch.empty_like(cb)
+        _chunk_dcb_bwd[(bsz * nchunks, ngroups, triton.cdiv(chunk_size, k["BM"]) * triton.cdiv(chunk_size, k["BS"]))](
+            x, cb, dtc, cs, sid, dy, dcb, dcs,
+            seqlen, nheads, ngroups, nchunks, chunk_size, headdim, hpg, *xs, ssb, ssl,
+            HAS_SEQ=has_seq, **dot, **k,
+        )  # fmt: skip
+        k = bb["dbc"]
+        dB = torch.empty(B.shape, device=x.device, dtype=B.dtype)
+        dC = torch.empty(C.shape, device=x.device, dtype=C.dtype)
+        _chunk_dbc_bwd[(bsz * nchunks, ngroups, triton.cdiv(chunk_size, k["BM"]) * triton.cdiv(dstate, k["BN"]))](
+            x, B, C, dcb, dtc, cs, sid, states, dstates, dy, dB, dC,
+            seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
+            HAS_SEQ=has_seq, **dot, **k,
+        )  # fmt: skip
         return (
-            dx, ddt, dcs, dB.to(B.dtype), dC.to(C.dtype), dD_out,
+            dx, ddt, dcs, dB, dC, dD,
             dinit if ctx.has_init else None, None, None,
         )  # fmt: skip
 

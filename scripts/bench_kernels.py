@@ -187,6 +187,107 @@ def _bench_ssd_point(s: SSDShape, dtype, mamba, hf_scan, bw: float, check: bool)
     return rows
 
 
+# Variants tried by --sweep: patches of mmfm.kernels.ssd's FWD_BLOCKS / BWD_BLOCKS / STATE_PASSING.
+SWEEP_VARIANTS: list[dict[str, dict]] = [
+    {},
+    {"fwd": {"scan": {"BM": 128, "BP": 64, "BK": 32, "BKN": 64, "num_warps": 4, "num_stages": 3}}},
+    {"fwd": {"scan": {"BM": 64, "BP": 64, "BK": 64, "BKN": 64, "num_warps": 4, "num_stages": 2}}},
+    {"fwd": {"state": {"BP": 64, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 2}}},
+    {"state_passing": {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}},
+    {"state_passing": {"BLOCK": 128, "num_warps": 4, "num_stages": 3}},
+    {"state_passing": {"BLOCK": 512, "num_warps": 4, "num_stages": 2}},
+    {"bwd": {"dx": {"BS": 64, "BP": 64, "BL": 32, "BN": 32, "num_warps": 4, "num_stages": 3}}},
+    {"bwd": {"dx": {"BS": 128, "BP": 64, "BL": 32, "BN": 32, "num_warps": 8, "num_stages": 2}}},
+    {"bwd": {"dcb": {"BM": 64, "BS": 64, "BP": 32, "num_warps": 4, "num_stages": 3}}},
+    {"bwd": {"dcb": {"BM": 128, "BS": 64, "BP": 64, "num_warps": 8, "num_stages": 2}}},
+    {"bwd": {"dbc": {"BM": 64, "BN": 64, "BP": 32, "BK": 32, "num_warps": 4, "num_stages": 3}}},
+    {"bwd": {"dbc": {"BM": 128, "BN": 64, "BP": 64, "BK": 64, "num_warps": 8, "num_stages": 2}}},
+]
+
+
+def sweep_blocks(s: SSDShape, dtype=torch.bfloat16) -> list[dict]:
+    """Forward and forward+backward time of mmfm's SSD under each variant of :data:`SWEEP_VARIANTS`."""
+    import mmfm.kernels.ssd as ssd
+
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    b, L, h, p, g, n = s.batch, s.seqlen, s.nheads, s.headdim, s.ngroups, s.dstate
+    x = torch.randn(b, L, h, p, device=dev, dtype=dtype, generator=gen).requires_grad_()
+    dt = (torch.randn(b, L, h, device=dev, generator=gen) * 0.5).to(dtype).requires_grad_()
+    A = (-torch.rand(h, device=dev, generator=gen) - 0.5).requires_grad_()
+    B = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype).requires_grad_()
+    C = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype).requires_grad_()
+    D = torch.randn(h, device=dev, generator=gen).requires_grad_()
+    dt_bias = (torch.randn(h, device=dev, generator=gen) * 0.5).requires_grad_()
+    leaves = [x, dt, A, B, C, D, dt_bias]
+    tables = {"fwd": "FWD_BLOCKS", "bwd": "BWD_BLOCKS"}
+    saved = {name: getattr(ssd, name) for name in (*tables.values(), "STATE_PASSING")}
+
+    def fwd():
+        return ssd.ssd_chunk_scan(x, dt, A, B, C, s.chunk, D=D, dt_bias=dt_bias, dt_softplus=True, backend="triton")
+
+    def fwd_bwd():
+        y = fwd()
+        return torch.autograd.grad(y, leaves, torch.ones_like(y))
+
+    out, ref = [], None
+    try:
+        for variant in SWEEP_VARIANTS:
+            for key, name in tables.items():
+                setattr(ssd, name, {**saved[name], **variant.get(key, {})})
+            ssd.STATE_PASSING = variant.get("state_passing", saved["STATE_PASSING"])
+            grads = fwd_bwd()
+            ref = grads if ref is None else ref
+            diff = max((a.float() - r.float()).abs().max().item() for a, r in zip(grads, ref))
+            with torch.no_grad():
+                f_ms = _bench(fwd)
+            fb_ms = _bench(fwd_bwd)
+            out.append({"variant": variant, "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms, "max_grad_diff": diff})
+            print(f"# sweep {_shape_str(s)} fwd {f_ms:.3f} ms fwd+bwd {fb_ms:.3f} ms grad diff {diff:.2e} "
+                  f"{variant or 'default'}", flush=True)
+    finally:
+        for name, value in saved.items():
+            setattr(ssd, name, value)
+    return out
+
+
+def profile_ssd(s: SSDShape, dtype=torch.bfloat16, backward: bool = True, fn=None) -> str:
+    """CUDA time per kernel of an SSD forward (and backward) at one shape (torch.profiler table): mmfm's,
+    or ``fn`` with ``ssd_chunk_scan``'s positional signature (e.g. mamba-ssm's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mmfm.kernels.ssd import ssd_chunk_scan
+
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    b, L, h, p, g, n = s.batch, s.seqlen, s.nheads, s.headdim, s.ngroups, s.dstate
+    x = torch.randn(b, L, h, p, device=dev, dtype=dtype, generator=gen).requires_grad_()
+    dt = (torch.randn(b, L, h, device=dev, generator=gen) * 0.5).to(dtype).requires_grad_()
+    A = (-torch.rand(h, device=dev, generator=gen) - 0.5).requires_grad_()
+    B = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype).requires_grad_()
+    C = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype).requires_grad_()
+    D = torch.randn(h, device=dev, generator=gen).requires_grad_()
+    dt_bias = (torch.randn(h, device=dev, generator=gen) * 0.5).requires_grad_()
+    leaves = [x, dt, A, B, C, D, dt_bias]
+
+    def step():
+        if fn is None:
+            y = ssd_chunk_scan(x, dt, A, B, C, s.chunk, D=D, dt_bias=dt_bias, dt_softplus=True, backend="triton")
+        else:
+            y = fn(x, dt, A, B, C, s.chunk, D=D, dt_bias=dt_bias, dt_softplus=True)
+        if backward:
+            torch.autograd.grad(y, leaves, torch.ones_like(y))
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+
+
 def bench_conv(points: list[tuple[int, int]], dim: int = 10240, width: int = 4, dtype=torch.bfloat16,
                with_transformers: bool = True, rows: list[Row] | None = None) -> list[Row]:  # fmt: skip
     """Time mmfm's ``causal_conv1d`` (SiLU) vs transformers' PyTorch ``causal_conv1d_fn`` (F.conv1d)."""
@@ -299,11 +400,27 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     p.add_argument("--json", default=None, help="write rows as JSON here")
     p.add_argument("--md", default=None, help="write the markdown table here")
     p.add_argument("--hf-max-seqlen", type=int, default=16384, help="longest L for transformers' SSD anchor")
+    p.add_argument("--profile", action="store_true",
+                   help="only print the per-kernel CUDA time of mmfm's SSD fwd+bwd (first --batch / --seqlen)")
+    p.add_argument("--sweep", action="store_true",
+                   help="only time the SSD fwd and fwd+bwd under each tile variant (first --batch / --seqlen)")
     return p
 
 
 def main(argv=None) -> int:
     a = build_arg_parser().parse_args(argv)
+    if a.profile:
+        print(profile_ssd(SSDShape(a.batch[0], a.seqlen[0])))
+        if a.mamba_ssm_src:
+            print("# mamba-ssm")
+            print(profile_ssd(SSDShape(a.batch[0], a.seqlen[0]), fn=load_mamba_ssm(a.mamba_ssm_src)))
+        return 0
+    if a.sweep:
+        res = sweep_blocks(SSDShape(a.batch[0], a.seqlen[0]))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     run(a.op, tuple(a.batch), tuple(a.seqlen), a.mamba_ssm_src, not a.no_transformers, a.json, a.md,
         a.hf_max_seqlen)
     return 0

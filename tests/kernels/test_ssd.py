@@ -92,6 +92,33 @@ def test_triton_matches_reference_fp32(L, chunk, g, seq, init):
         _close(g0[k], g1[k], 1e-4)
 
 
+@pytest.mark.parametrize("seq", [False, True])
+def test_blocks_smaller_than_the_tiles(monkeypatch, seq):
+    """The blocked kernels (several position / channel / state blocks per chunk, C B^T and its gradient
+    written in blocks of other sizes than the kernels reading them use, a chunk that is not a power of two,
+    a head dimension of two blocks) equal the reference: outputs, final state and every gradient."""
+    import mmfm.kernels.ssd as ssd
+
+    fwd = {"state": {"BP": 16, "BN": 16, "BK": 16, "num_warps": 4, "num_stages": 1},
+           "cb": {"BM": 16, "BS": 32, "BK": 16, "num_warps": 4, "num_stages": 1},
+           "scan": {"BM": 32, "BP": 16, "BK": 16, "BKN": 16, "num_warps": 4, "num_stages": 1}}
+    bwd = {"dx": {"BS": 16, "BP": 16, "BL": 32, "BN": 16, "num_warps": 4, "num_stages": 1},
+           "dcb": {"BM": 32, "BS": 16, "BP": 16, "num_warps": 4, "num_stages": 1},
+           "dbc": {"BM": 16, "BN": 16, "BP": 16, "BK": 32, "num_warps": 4, "num_stages": 1}}
+    monkeypatch.setattr(ssd, "FWD_BLOCKS", fwd)
+    monkeypatch.setattr(ssd, "BWD_BLOCKS", bwd)
+    inp = make_inputs(b=2, L=100, h=4, p=32, g=2, n=32, seq=seq, init=True)
+    gen = torch.Generator().manual_seed(3)
+    gy = torch.randn(inp["x"].shape, generator=gen).to(DEVICE)
+    gs = torch.randn(2, 4, 32, 32, generator=gen).to(DEVICE)
+    y0, s0, g0 = _run_and_grads(ssd_reference, inp, gy, gs)
+    y1, s1, g1 = _run_and_grads(ssd_chunk_scan, inp, gy, gs, chunk_size=48, backend="triton")
+    _close(y0, y1, 1e-4)
+    _close(s0, s1, 1e-4)
+    for k in g0:
+        _close(g0[k], g1[k], 1e-4)
+
+
 def test_triton_bf16_close_to_fp32_reference():
     inp = make_inputs(L=33, g=2, h=4, p=8, n=16, dtype=torch.bfloat16, init=True)
     gen = torch.Generator().manual_seed(2)
