@@ -26,6 +26,8 @@ class EncoderSpec:
     path: str | None = None
     size: str = "tiny"
     patch_size: int = 16
+    # ViTConfig overrides for the random student, e.g. {embed_dim: 128, depth: 4, num_heads: 4}
+    vit: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,7 +91,7 @@ def build_vlm(cfg: VLMConfig, tokenizer=None) -> tuple[VLM, Any]:
 
     tokenizer = tokenizer or build_tokenizer(cfg)
     encoder = load_radio(cfg.encoder.path) if cfg.encoder.path else RadioEncoder(
-        create_student(cfg.encoder.size, patch_size=cfg.encoder.patch_size))
+        create_student(cfg.encoder.size, patch_size=cfg.encoder.patch_size, **cfg.encoder.vit))
     d = cfg.decoder
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)

@@ -12,6 +12,24 @@ from pathlib import Path
 from torch import nn
 
 PATTERN_TO_BLOCK = {"M": "mamba", "*": "attention", "-": "mlp"}
+MAMBA2_MODEL_TYPES = ("nemotron_h", "mamba2")
+
+
+def route_mamba_to_mmfm_kernels(model: nn.Module, device) -> bool:
+    """On CUDA, make a transformers Mamba-2 based LM (Nemotron-H, Mamba2) run its scans and convolutions
+    with :mod:`mmfm.kernels` instead of transformers' slow PyTorch fallback (no mamba-ssm needed).
+
+    Returns True when the kernels were routed in. CPU keeps transformers' own path (the patched functions
+    would only dispatch to the same reference math there).
+    """
+    import torch
+
+    if torch.device(device).type != "cuda" or getattr(model.config, "model_type", "") not in MAMBA2_MODEL_TYPES:
+        return False
+    from mmfm.kernels.hf_integration import use_mmfm_kernels
+
+    use_mmfm_kernels(model)
+    return True
 
 
 def pattern_to_block_types(pattern: str) -> list[str]:

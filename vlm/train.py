@@ -26,6 +26,7 @@ import torch
 from mmfm.training import EngineConfig, OptimizerConfig
 from mmfm.vlm.build import VLMConfig, build_vlm, load, save_vlm
 from mmfm.vlm.conversation import caption_conversation, collate_train, encode_sample
+from mmfm.vlm.decoder import route_mamba_to_mmfm_kernels
 
 
 @dataclass
@@ -104,6 +105,7 @@ def train(cfg: VLMTrainConfig, out: str | Path, resume: bool = False, progress: 
     vlm, tokenizer = prepare_model(cfg)
     seed_everything(cfg.seed, get_rank())
     engine = Engine.from_config(vlm, cfg.engine, micro_batch_size=cfg.batch_size)
+    route_mamba_to_mmfm_kernels(vlm.language_model, engine.device)
     schema = "image" if cfg.data_kind == "captions" else "conversation"
     data = read_shards(cfg.train_shards, schema=schema, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                        rank=get_rank(), world_size=get_world_size())
