@@ -325,11 +325,13 @@ if triton is not None:
 
     @triton.jit
     def _state_passing_fwd(
-        st_ptr, init_ptr, cs_ptr, sid_ptr, final_ptr,
+        st_ptr, out_ptr, init_ptr, cs_ptr, sid_ptr, final_ptr,
         L, H, NC, Q, PN, ssb, ssl,
         HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        # In place: st[c] (state made by chunk c) is replaced by the state ENTERING chunk c.
+        # out[c] = the state ENTERING chunk c, from st[c] = the state chunk c makes from zero (fp32).
+        # out may be st itself (fp32, in place) or a half-precision buffer (half the traffic of the
+        # later reads, as mamba-ssm stores them); the running state stays fp32.
         bi = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         o = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
@@ -342,9 +344,9 @@ if triton is not None:
         if HAS_SEQ:
             s_prev = tl.load(sid_ptr + bi * ssb)
         for c in range(NC):
-            ptr = st_ptr + ((bi * NC + c) * H + h) * PN + o
-            new = tl.load(ptr, mask=m, other=0.0)
-            tl.store(ptr, s, mask=m)
+            off = ((bi * NC + c) * H + h) * PN + o
+            new = tl.load(st_ptr + off, mask=m, other=0.0)
+            tl.store(out_ptr + off, s.to(out_ptr.dtype.element_ty), mask=m)
             gdec = tl.exp(tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + Q - 1))
             if HAS_SEQ:
                 s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
@@ -815,12 +817,15 @@ class _SSDChunkScanFn(torch.autograd.Function):
         pn = headdim * dstate
         block = min(STATE_PASSING["BLOCK"], triton.next_power_of_2(pn))
         has_init = initial_states is not None
+        # bf16/fp16 inputs: the entering states are stored in that dtype (read three times later on)
+        entering = states if x.dtype == torch.float32 else torch.empty_like(states, dtype=x.dtype)
         _state_passing_fwd[(bsz, nheads, triton.cdiv(pn, block))](
-            states, initial_states if has_init else final, cs, sid, final,
+            states, entering, initial_states if has_init else final, cs, sid, final,
             seqlen, nheads, nchunks, chunk_size, pn, ssb, ssl,
             HAS_INIT=has_init, HAS_SEQ=has_seq, BLOCK=block,
             num_warps=STATE_PASSING["num_warps"], num_stages=STATE_PASSING["num_stages"],
         )  # fmt: skip
+        states = entering  # the per-chunk fp32 buffer is not needed any more
         cb = torch.empty(bsz, nchunks, ngroups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
         nmb = triton.cdiv(chunk_size, cb_cfg["BM"])
         _chunk_cb_fwd[(bsz * nchunks, ngroups, nmb * triton.cdiv(chunk_size, cb_cfg["BS"]))](
@@ -859,7 +864,7 @@ class _SSDChunkScanFn(torch.autograd.Function):
         xs = (x.stride(0), x.stride(1), x.stride(2))
         bs = (B.stride(0), B.stride(1), B.stride(2))
         grid = (bsz * nchunks, nheads)
-        dstates = torch.empty_like(states)
+        dstates = torch.empty(states.shape, device=x.device, dtype=torch.float32)
         _chunk_dstate_bwd[grid](
             dy, C, cs, sid, dstates, seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg,
             *xs, *bs, ssb, ssl, HAS_SEQ=has_seq, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
