@@ -140,24 +140,31 @@ def bench_ssd(shapes: list[SSDShape], dtype=torch.bfloat16, mamba_src: str | Non
     return rows
 
 
-def _bench_ssd_point(s: SSDShape, dtype, mamba, hf_scan, bw: float, check: bool) -> list[Row]:
-    from mmfm.kernels.ssd import ssd_chunk_scan
-
+def _ssd_inputs(s: SSDShape, dtype) -> list[torch.Tensor]:
+    """Random leaves x, dt, A, B, C, D, dt_bias of one SSD point on the GPU (fixed seed)."""
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     b, L, h, p, g, n = s.batch, s.seqlen, s.nheads, s.headdim, s.ngroups, s.dstate
+    x = torch.randn(b, L, h, p, device=dev, dtype=dtype, generator=gen)
+    dt = (torch.randn(b, L, h, device=dev, generator=gen) * 0.5).to(dtype)
+    A = -torch.rand(h, device=dev, generator=gen) - 0.5
+    B = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype)
+    C = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype)
+    D = torch.randn(h, device=dev, generator=gen)
+    dt_bias = torch.randn(h, device=dev, generator=gen) * 0.5
+    return [t.requires_grad_() for t in (x, dt, A, B, C, D, dt_bias)]
+
+
+def _bench_ssd_point(s: SSDShape, dtype, mamba, hf_scan, bw: float, check: bool) -> list[Row]:
+    from mmfm.kernels.ssd import ssd_chunk_scan
+
+    b, L, h, p, g, n = s.batch, s.seqlen, s.nheads, s.headdim, s.ngroups, s.dstate
     shape = _shape_str(s)
     try:
-        x = torch.randn(b, L, h, p, device=dev, dtype=dtype, generator=gen).requires_grad_()
-        dt = (torch.randn(b, L, h, device=dev, generator=gen) * 0.5).to(dtype).requires_grad_()
-        A = (-torch.rand(h, device=dev, generator=gen) - 0.5).requires_grad_()
-        B = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype).requires_grad_()
-        C = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype).requires_grad_()
-        D = torch.randn(h, device=dev, generator=gen).requires_grad_()
-        dt_bias = (torch.randn(h, device=dev, generator=gen) * 0.5).requires_grad_()
+        leaves = _ssd_inputs(s, dtype)
     except torch.cuda.OutOfMemoryError:
         return [Row("ssd", "inputs", shape, note="OOM allocating inputs")]
-    leaves = [x, dt, A, B, C, D, dt_bias]
+    x, dt, A, B, C, D, dt_bias = leaves
     es = x.element_size()
     # Minimum HBM traffic: read x, dt, B, C; write y. Backward: read those + dy, write their grads.
     bytes_fwd = (2 * b * L * h * p + b * L * h + 2 * b * L * g * n) * es
@@ -209,17 +216,8 @@ def sweep_blocks(s: SSDShape, dtype=torch.bfloat16) -> list[dict]:
     """Forward and forward+backward time of mmfm's SSD under each variant of :data:`SWEEP_VARIANTS`."""
     import mmfm.kernels.ssd as ssd
 
-    dev = "cuda"
-    gen = torch.Generator(device=dev).manual_seed(0)
-    b, L, h, p, g, n = s.batch, s.seqlen, s.nheads, s.headdim, s.ngroups, s.dstate
-    x = torch.randn(b, L, h, p, device=dev, dtype=dtype, generator=gen).requires_grad_()
-    dt = (torch.randn(b, L, h, device=dev, generator=gen) * 0.5).to(dtype).requires_grad_()
-    A = (-torch.rand(h, device=dev, generator=gen) - 0.5).requires_grad_()
-    B = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype).requires_grad_()
-    C = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype).requires_grad_()
-    D = torch.randn(h, device=dev, generator=gen).requires_grad_()
-    dt_bias = (torch.randn(h, device=dev, generator=gen) * 0.5).requires_grad_()
-    leaves = [x, dt, A, B, C, D, dt_bias]
+    leaves = _ssd_inputs(s, dtype)
+    x, dt, A, B, C, D, dt_bias = leaves
     tables = {"fwd": "FWD_BLOCKS", "bwd": "BWD_BLOCKS"}
     saved = {name: getattr(ssd, name) for name in (*tables.values(), "STATE_PASSING")}
 
@@ -258,17 +256,8 @@ def profile_ssd(s: SSDShape, dtype=torch.bfloat16, backward: bool = True, fn=Non
 
     from mmfm.kernels.ssd import ssd_chunk_scan
 
-    dev = "cuda"
-    gen = torch.Generator(device=dev).manual_seed(0)
-    b, L, h, p, g, n = s.batch, s.seqlen, s.nheads, s.headdim, s.ngroups, s.dstate
-    x = torch.randn(b, L, h, p, device=dev, dtype=dtype, generator=gen).requires_grad_()
-    dt = (torch.randn(b, L, h, device=dev, generator=gen) * 0.5).to(dtype).requires_grad_()
-    A = (-torch.rand(h, device=dev, generator=gen) - 0.5).requires_grad_()
-    B = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype).requires_grad_()
-    C = (torch.randn(b, L, g, n, device=dev, generator=gen) * 0.3).to(dtype).requires_grad_()
-    D = torch.randn(h, device=dev, generator=gen).requires_grad_()
-    dt_bias = (torch.randn(h, device=dev, generator=gen) * 0.5).requires_grad_()
-    leaves = [x, dt, A, B, C, D, dt_bias]
+    leaves = _ssd_inputs(s, dtype)
+    x, dt, A, B, C, D, dt_bias = leaves
 
     def step():
         if fn is None:
