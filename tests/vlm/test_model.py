@@ -166,3 +166,26 @@ def test_trainable_encoder_keeps_position_embeddings_deterministic():
     vlm.cpe_augment = True
     vlm.train()
     assert all(m.training for m in cpe)
+
+
+def test_mamba_lms_route_to_mmfm_kernels_only_on_cuda():
+    """Training on a GPU routes Nemotron-H's Mamba-2 mixers through mmfm.kernels; CPU and attention-only LMs
+    keep transformers' own path (the patch is module-level, so it is undone here)."""
+    from mmfm.kernels.hf_integration import is_patched, unpatch_transformers
+    from mmfm.vlm.decoder import route_mamba_to_mmfm_kernels, tiny_llama
+
+    was = is_patched()
+    lm = tiny_nemotron_h(vocab_size=64, hidden_size=64, pattern="M*")
+    try:
+        assert not route_mamba_to_mmfm_kernels(lm, "cpu")
+        assert not route_mamba_to_mmfm_kernels(tiny_llama(vocab_size=64, hidden_size=32), "cuda")
+        assert is_patched() == was
+        assert route_mamba_to_mmfm_kernels(lm, "cuda")
+        import transformers.models.nemotron_h.modeling_nemotron_h as nh
+
+        from mmfm.kernels.hf_integration import mmfm_chunk_scan
+
+        assert nh.mamba2_chunk_scan is mmfm_chunk_scan
+    finally:
+        if not was:
+            unpatch_transformers()

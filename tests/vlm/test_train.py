@@ -106,8 +106,13 @@ def test_train_resume_exact_then_load_and_evaluate(shards, tmp_path):
     assert isinstance(vlm.generate(images, "What colour?", max_new_tokens=3, tokenizer=tok)[0], str)
 
 
-def test_save_load_round_trip_is_exact(tmp_path):
-    vlm, tok = build_vlm(VLMConfig(image_size=32, compressor="avgpool"))
+@pytest.mark.parametrize("vit", [{}, {"embed_dim": 48, "depth": 3, "num_heads": 3}])
+def test_save_load_round_trip_is_exact(tmp_path, vit):
+    from mmfm.vlm.build import EncoderSpec
+
+    vlm, tok = build_vlm(VLMConfig(image_size=32, compressor="avgpool", encoder=EncoderSpec(vit=vit)))
+    if vit:  # the overrides reach the random student
+        assert (vlm.vision_encoder.student.cfg.embed_dim, len(vlm.vision_encoder.student.blocks)) == (48, 3)
     save_vlm(vlm, tok, tmp_path)
     again, _ = load(tmp_path)
     ids = torch.tensor([[tok.bos_token_id] + [vlm.image_token_id] + [7, 8]])
