@@ -294,7 +294,7 @@ if triton is not None:
     @triton.jit
     def _chunk_cb_fwd(
         c_ptr, b_ptr, cb_ptr, L, G, NC, Q, N, sbb, sbl, sbg,
-        DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+        DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BKN: tl.constexpr,
     ):  # fmt: skip
         # C B^T of every chunk, once per GROUP (shared by its heads), (BM, BS) blocks on or below the
         # diagonal only: the scan never uses the strictly upper (anti-causal) part, left unwritten.
@@ -313,8 +313,8 @@ if triton is not None:
         vm = (om < Q) & (c * Q + om < L)
         vs = (os < Q) & (c * Q + os < L)
         acc = tl.zeros((BM, BS), dtype=tl.float32)
-        for k0 in range(0, N, BK):
-            ok = k0 + tl.arange(0, BK)
+        for k0 in range(0, N, BKN):
+            ok = k0 + tl.arange(0, BKN)
             cv = tl.load(c_ptr + bi * sbb + (c * Q + om)[:, None] * sbl + g * sbg + ok[None, :],
                          mask=vm[:, None] & (ok[None, :] < N), other=0.0)
             bv = tl.load(b_ptr + bi * sbb + (c * Q + os)[:, None] * sbl + g * sbg + ok[None, :],
@@ -757,7 +757,7 @@ def _launch_cfg(q: int, p: int, n: int) -> dict:
 # settings; module-level so that scripts/bench_kernels.py --sweep can try others on a GPU.
 FWD_BLOCKS: dict[str, dict[str, int]] = {
     "state": {"BP": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 2},
-    "cb": {"BM": 64, "BS": 64, "BK": 64, "num_warps": 4, "num_stages": 2},
+    "cb": {"BM": 64, "BS": 64, "BKN": 64, "num_warps": 4, "num_stages": 2},
     "scan": {"BM": 64, "BP": 64, "BK": 32, "BKN": 32, "num_warps": 4, "num_stages": 3},
 }
 # The sequential passes over chunks are latency-bound: many small programs keep more loads in flight.

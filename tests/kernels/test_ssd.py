@@ -100,7 +100,7 @@ def test_blocks_smaller_than_the_tiles(monkeypatch, seq):
     import mmfm.kernels.ssd as ssd
 
     fwd = {"state": {"BP": 16, "BN": 16, "BK": 16, "num_warps": 4, "num_stages": 1},
-           "cb": {"BM": 16, "BS": 32, "BK": 16, "num_warps": 4, "num_stages": 1},
+           "cb": {"BM": 16, "BS": 32, "BKN": 16, "num_warps": 4, "num_stages": 1},
            "scan": {"BM": 32, "BP": 16, "BK": 16, "BKN": 16, "num_warps": 4, "num_stages": 1}}
     bwd = {"dx": {"BS": 16, "BP": 16, "BL": 32, "BN": 16, "num_warps": 4, "num_stages": 1},
            "dcb": {"BM": 32, "BS": 16, "BP": 16, "num_warps": 4, "num_stages": 1},
