@@ -16,6 +16,7 @@ reported as "OOM". Run: ``python scripts/bench_kernels.py --op ssd`` or ``mmfm b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import types
@@ -259,11 +260,10 @@ def profile_ssd(s: SSDShape, dtype=torch.bfloat16, backward: bool = True, fn=Non
     leaves = _ssd_inputs(s, dtype)
     x, dt, A, B, C, D, dt_bias = leaves
 
+    fn = fn or functools.partial(ssd_chunk_scan, backend="triton")
+
     def step():
-        if fn is None:
-            y = ssd_chunk_scan(x, dt, A, B, C, s.chunk, D=D, dt_bias=dt_bias, dt_softplus=True, backend="triton")
-        else:
-            y = fn(x, dt, A, B, C, s.chunk, D=D, dt_bias=dt_bias, dt_softplus=True)
+        y = fn(x, dt, A, B, C, s.chunk, D=D, dt_bias=dt_bias, dt_softplus=True)
         if backward:
             torch.autograd.grad(y, leaves, torch.ones_like(y))
 
