@@ -23,10 +23,11 @@ The Triton path splits the sequence into chunks of ``chunk_size`` (the SSD algor
 
 The backward mirrors this: the gradient reaching each chunk-entry state from the outputs
 (``_chunk_dstate_bwd``), a reverse pass over chunks (``_state_passing_bwd``), ``C B^T`` again, then
-``_chunk_dx_bwd`` (per head: ``dx``, ``ddt``, ``dD`` and the state parts of the cumulative-sum
+``_chunk_dx_bwd`` (per head: ``dx``, ``ddt``, ``dD`` and the leaving-state part of the cumulative-sum
 gradient), ``_chunk_dcb_bwd`` (per group: the gradient of ``C B^T``, summed over the group's heads, and
 the intra-chunk part of the cumulative-sum gradient) and ``_chunk_dbc_bwd`` (per group: ``dB`` and
-``dC``, every head's share summed in the program, no atomics). Every kernel works on blocks of a chunk
+``dC``, every head's share summed in the program, no atomics on them; and each head's entering-state part
+of the cumulative-sum gradient, which needs ``C``). Every kernel works on blocks of a chunk
 (sizes in ``FWD_BLOCKS`` / ``BWD_BLOCKS``) and accumulates in fp32.
 """
 
@@ -468,12 +469,14 @@ if triton is not None:
 
     @triton.jit
     def _state_passing_bwd(
-        ds_ptr, st_ptr, cs_ptr, sid_ptr, dfinal_ptr, dinit_ptr, dg_ptr,
+        ds_ptr, out_ptr, st_ptr, cs_ptr, sid_ptr, dfinal_ptr, dinit_ptr, dg_ptr,
         L, H, NC, Q, PN, NBLK, ssb, ssl,
         HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        # Reverse pass over chunks. In place: ds[c] (direct gradient of chunk c's entering state)
-        # becomes the gradient of the state LEAVING chunk c (= of the state chunk c produces).
+        # Reverse pass over chunks: out[c] = the gradient of the state LEAVING chunk c (= of the state
+        # chunk c produces), from ds[c] = the direct gradient of chunk c's entering state (fp32).
+        # As in the forward pass, out is ds itself (fp32) or a half-precision buffer: written out of
+        # place, the loads of the next chunk are not ordered behind this chunk's store.
         bi = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         blk = tl.program_id(2)
@@ -485,10 +488,10 @@ if triton is not None:
             d = tl.zeros((BLOCK,), dtype=tl.float32)
         for i in range(NC):
             c = NC - 1 - i
-            ptr = ds_ptr + ((bi * NC + c) * H + h) * PN + o
-            direct = tl.load(ptr, mask=m, other=0.0)
-            tl.store(ptr, d, mask=m)
-            s_in = tl.load(st_ptr + ((bi * NC + c) * H + h) * PN + o, mask=m, other=0.0)
+            off = ((bi * NC + c) * H + h) * PN + o
+            direct = tl.load(ds_ptr + off, mask=m, other=0.0)
+            tl.store(out_ptr + off, d.to(out_ptr.dtype.element_ty), mask=m)
+            s_in = tl.load(st_ptr + off, mask=m, other=0.0).to(tl.float32)
             gdec = tl.exp(tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + Q - 1))
             if HAS_SEQ:
                 s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
@@ -501,7 +504,7 @@ if triton is not None:
 
     @triton.jit
     def _chunk_dx_bwd(
-        x_ptr, b_ptr, c_ptr, cb_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr, ds_ptr, d_ptr, dg_ptr, dy_ptr,
+        x_ptr, b_ptr, cb_ptr, dt_ptr, cs_ptr, sid_ptr, ds_ptr, d_ptr, dg_ptr, dy_ptr,
         dx_ptr, ddt_ptr, dcs_ptr, dd_ptr,
         L, H, G, NC, Q, P, N, HPG,
         sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
@@ -512,7 +515,10 @@ if triton is not None:
         #   u[s]  = sum_{l >= s} CB[l, s] exp(cs[l] - cs[s]) dy[l]      (intra-chunk)
         #   v[s]  = B[s] . dS_out                                        (the state the chunk leaves)
         #   dx[s] = dt[s] (u + rr[s] v) + D dy[s],  ddt[s] = x[s] . (u + rr[s] v)
-        # and the parts of d(cumsum) that need no C B^T gradient (added with atomics: P is blocked).
+        # and the parts of d(cumsum) that need neither the C B^T gradient nor C (added with atomics: P is
+        # blocked; the entering state's share q[l] C[l] . (dy[l] S_in) is added by _chunk_dbc_bwd, which
+        # has both at hand). dD: one partial sum per (chunk, source block), summed by the caller, as
+        # every program of a head adding into the same P addresses serialises on them.
         pid_bc = tl.program_id(0)
         h = tl.program_id(1)
         pid_sp = tl.program_id(2)
@@ -529,15 +535,11 @@ if triton is not None:
         cs_s = tl.load(cs_ptr + base + os, mask=os < Q, other=0.0)
         dt_s = tl.load(dt_ptr + base + os, mask=os < Q, other=0.0)
         cs_last = tl.load(cs_ptr + base + Q - 1)
-        ok_prev = vs
         ok_end = vs
         if HAS_SEQ:
             sid_s = tl.load(sid_ptr + bi * ssb + pos_s * ssl, mask=vs, other=-1)
-            s_prev = tl.load(sid_ptr + bi * ssb + tl.maximum(c * Q - 1, 0) * ssl)
             s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
-            ok_prev = ok_prev & (sid_s == s_prev)
             ok_end = ok_end & (sid_s == s_end)
-        q = tl.where(ok_prev, tl.exp(cs_s), 0.0)
         rr = tl.where(ok_end, tl.exp(cs_last - cs_s), 0.0)
         cbp = cb_ptr + ((bi * NC + c) * G + g) * Q * Q
         mp = op[None, :] < P
@@ -557,18 +559,14 @@ if triton is not None:
                           mask=vl[:, None] & mp, other=0.0)
             u += tl.dot(tl.trans(mt.to(dyl.dtype)).to(DOT), dyl.to(DOT), input_precision=PREC)
         v = tl.zeros((BS, BP), dtype=tl.float32)
-        yoff = tl.zeros((BS, BP), dtype=tl.float32)
         sbase = (((bi * NC + c) * H + h) * P) * N
         for n0 in range(0, N, BN):
             on = n0 + tl.arange(0, BN)
             mn = vs[:, None] & (on[None, :] < N)
             bv = tl.load(b_ptr + bi * sbb + pos_s[:, None] * sbl + g * sbg + on[None, :], mask=mn, other=0.0)
-            cv = tl.load(c_ptr + bi * sbb + pos_s[:, None] * sbl + g * sbg + on[None, :], mask=mn, other=0.0)
             mnp = (on[:, None] < N) & mp
             dsv = tl.load(ds_ptr + sbase + op[None, :] * N + on[:, None], mask=mnp, other=0.0)  # (BN, BP)
-            sin = tl.load(st_ptr + sbase + op[None, :] * N + on[:, None], mask=mnp, other=0.0)
             v += tl.dot(bv.to(DOT), dsv.to(bv.dtype).to(DOT), input_precision=PREC)
-            yoff += tl.dot(cv.to(DOT), sin.to(cv.dtype).to(DOT), input_precision=PREC)
         xoff = bi * sxb + pos_s[:, None] * sxl + h * sxh + op[None, :]
         mxp = vs[:, None] & mp
         xf = tl.load(x_ptr + xoff, mask=mxp, other=0.0).to(tl.float32)
@@ -578,11 +576,12 @@ if triton is not None:
         if HAS_D:
             dv = tl.load(d_ptr + h * P + op, mask=op < P, other=0.0).to(tl.float32)
             dxv += dv[None, :] * dyf
-            tl.atomic_add(dd_ptr + h * P + op, tl.sum(dyf * xf, axis=0), mask=op < P)
+            tl.store(dd_ptr + ((pid_bc * tl.cdiv(Q, BS) + s0 // BS) * H + h) * P + op, tl.sum(dyf * xf, axis=0),
+                     mask=op < P)
         tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=mxp)
         tl.atomic_add(ddt_ptr + base + os, tl.sum(xf * grad_pre, axis=1), mask=os < Q)
         wst = rr * dt_s * tl.sum(xf * v, axis=1)
-        dcs = q * tl.sum(dyf * yoff, axis=1) - wst
+        dcs = -wst
         # the chunk's last position carries the decay to the chunk end of every position and dg
         last = tl.sum(wst, axis=0)
         if pid_sp == 0:
@@ -651,7 +650,7 @@ if triton is not None:
 
     @triton.jit
     def _chunk_dbc_bwd(
-        x_ptr, b_ptr, c_ptr, dcb_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr, ds_ptr, dy_ptr, db_ptr, dc_ptr,
+        x_ptr, b_ptr, c_ptr, dcb_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr, ds_ptr, dy_ptr, db_ptr, dc_ptr, dcs_ptr,
         L, H, G, NC, Q, P, N, HPG,
         sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
         HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
@@ -661,6 +660,8 @@ if triton is not None:
         # here (no atomics):
         #   dC[l] = sum_h q_h[l] dy_h[l] S_in_h  +  sum_{s <= l} dCB[l, s] B[s]
         #   dB[s] = sum_h rr_h[s] dt_h[s] x_h[s] dS_out_h  +  sum_{l >= s} dCB[l, s] C[l]
+        # and each head's d(cumsum) share through its entering state, C[l] . (q_h[l] dy_h[l] S_in_h),
+        # added with atomics (N is blocked).
         pid_bc = tl.program_id(0)
         g = tl.program_id(1)
         pid_mn = tl.program_id(2)
@@ -682,6 +683,9 @@ if triton is not None:
             ok_end = ok_end & (sid_m == s_end)
         acc_c = tl.zeros((BM, BN), dtype=tl.float32)
         acc_b = tl.zeros((BM, BN), dtype=tl.float32)
+        gb = bi * sbb + g * sbg
+        mqn = vm[:, None] & (on[None, :] < N)
+        cm = tl.load(c_ptr + gb + pos_m[:, None] * sbl + on[None, :], mask=mqn, other=0.0).to(tl.float32)
         for hh in range(HPG):
             h = g * HPG + hh
             base = ((bi * H + h) * NC + c) * Q
@@ -691,6 +695,7 @@ if triton is not None:
             q = tl.where(ok_prev, tl.exp(cs_m), 0.0)
             rrdt = tl.where(ok_end, tl.exp(cs_last - cs_m), 0.0) * dt_m
             sbase = (((bi * NC + c) * H + h) * P) * N
+            t_c = tl.zeros((BM, BN), dtype=tl.float32)
             for p0 in range(0, P, BP):
                 op = p0 + tl.arange(0, BP)
                 mxp = vm[:, None] & (op[None, :] < P)
@@ -702,10 +707,11 @@ if triton is not None:
                 dsv = tl.load(ds_ptr + sbase + op[:, None] * N + on[None, :], mask=mpn, other=0.0)
                 dyq = (dym.to(tl.float32) * q[:, None]).to(dym.dtype)
                 xr = (xm.to(tl.float32) * rrdt[:, None]).to(xm.dtype)
-                acc_c += tl.dot(dyq.to(DOT), sin.to(dym.dtype).to(DOT), input_precision=PREC)
+                t_c += tl.dot(dyq.to(DOT), sin.to(dym.dtype).to(DOT), input_precision=PREC)
                 acc_b += tl.dot(xr.to(DOT), dsv.to(xm.dtype).to(DOT), input_precision=PREC)
+            acc_c += t_c
+            tl.atomic_add(dcs_ptr + base + om, tl.sum(cm * t_c, axis=1), mask=om < Q)
         dcbp = dcb_ptr + ((bi * NC + c) * G + g) * Q * Q
-        gb = bi * sbb + g * sbg
         for k0 in range(0, tl.minimum(m0 + BM, Q), BK):  # dC: s <= l
             ok = k0 + tl.arange(0, BK)
             vk = (ok < Q) & (c * Q + ok < L)
@@ -723,7 +729,6 @@ if triton is not None:
                          mask=vk[:, None] & (on[None, :] < N), other=0.0)
             acc_b += tl.dot(tl.trans(dcbv.to(cv.dtype)).to(DOT), cv.to(DOT), input_precision=PREC)
         goff = gb + pos_m[:, None] * sbl + on[None, :]
-        mqn = vm[:, None] & (on[None, :] < N)
         tl.store(db_ptr + goff, acc_b.to(db_ptr.dtype.element_ty), mask=mqn)
         tl.store(dc_ptr + goff, acc_c.to(dc_ptr.dtype.element_ty), mask=mqn)
 
@@ -762,6 +767,8 @@ FWD_BLOCKS: dict[str, dict[str, int]] = {
 }
 # The sequential passes over chunks are latency-bound: many small programs keep more loads in flight.
 STATE_PASSING: dict[str, int] = {"BLOCK": 256, "num_warps": 4, "num_stages": 2}
+# The backward pass also reduces over its block every chunk (the decay gradient).
+STATE_PASSING_BWD: dict[str, int] = {"BLOCK": 256, "num_warps": 4, "num_stages": 2}
 BWD_BLOCKS: dict[str, dict[str, int]] = {
     "dx": {"BS": 64, "BP": 64, "BL": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
     "dcb": {"BM": 64, "BS": 64, "BP": 64, "num_warps": 4, "num_stages": 2},
@@ -872,17 +879,20 @@ class _SSDChunkScanFn(torch.autograd.Function):
             *xs, *bs, ssb, ssl, HAS_SEQ=has_seq, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
         )  # fmt: skip
         pn = headdim * dstate
-        block = min(STATE_PASSING["BLOCK"], triton.next_power_of_2(pn))
+        block = min(STATE_PASSING_BWD["BLOCK"], triton.next_power_of_2(pn))
         nblk = triton.cdiv(pn, block)
         dinit = torch.empty(bsz, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
         dg = torch.empty(bsz, nheads, nchunks, nblk, device=x.device, dtype=torch.float32)
         has_dfinal = dfinal is not None
+        # bf16/fp16 inputs: the leaving-state gradients are stored in that dtype, like the states
+        leaving = dstates if x.dtype == torch.float32 else torch.empty_like(dstates, dtype=x.dtype)
         _state_passing_bwd[(bsz, nheads, nblk)](
-            dstates, states, cs, sid, dfinal.float().contiguous() if has_dfinal else dinit, dinit, dg,
+            dstates, leaving, states, cs, sid, dfinal.float().contiguous() if has_dfinal else dinit, dinit, dg,
             seqlen, nheads, nchunks, chunk_size, pn, nblk, ssb, ssl,
             HAS_DFINAL=has_dfinal, HAS_SEQ=has_seq, BLOCK=block,
-            num_warps=STATE_PASSING["num_warps"], num_stages=STATE_PASSING["num_stages"],
+            num_warps=STATE_PASSING_BWD["num_warps"], num_stages=STATE_PASSING_BWD["num_stages"],
         )  # fmt: skip
+        dstates = leaving
         dg = dg.sum(-1).contiguous()
         bb = _clip_blocks(BWD_BLOCKS, chunk_size, headdim, dstate)
         # recomputed rather than saved: ~3% of the backward, and no (B, NC, G, Q, Q) buffer kept alive
@@ -891,11 +901,12 @@ class _SSDChunkScanFn(torch.autograd.Function):
         ddt = torch.zeros_like(dtc)
         dcs = torch.zeros_like(cs)
         has_d = D is not None
-        dD = torch.zeros(nheads, headdim, device=x.device, dtype=torch.float32) if has_d else None
         k = bb["dx"]
-        _chunk_dx_bwd[(bsz * nchunks, nheads, triton.cdiv(chunk_size, k["BS"]) * triton.cdiv(headdim, k["BP"]))](
-            x, B, C, cb, dtc, cs, sid, states, dstates, D if has_d else dtc, dg, dy,
-            dx, ddt, dcs, dD if has_d else dtc,
+        nsb = triton.cdiv(chunk_size, k["BS"])
+        dd = torch.empty(bsz * nchunks, nsb, nheads, headdim, device=x.device, dtype=torch.float32) if has_d else None
+        _chunk_dx_bwd[(bsz * nchunks, nheads, nsb * triton.cdiv(headdim, k["BP"]))](
+            x, B, cb, dtc, cs, sid, dstates, D if has_d else dtc, dg, dy,
+            dx, ddt, dcs, dd if has_d else dtc,
             seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
             HAS_SEQ=has_seq, HAS_D=has_d, **dot, **k,
         )  # fmt: skip
@@ -910,10 +921,11 @@ class _SSDChunkScanFn(torch.autograd.Function):
         dB = torch.empty(B.shape, device=x.device, dtype=B.dtype)
         dC = torch.empty(C.shape, device=x.device, dtype=C.dtype)
         _chunk_dbc_bwd[(bsz * nchunks, ngroups, triton.cdiv(chunk_size, k["BM"]) * triton.cdiv(dstate, k["BN"]))](
-            x, B, C, dcb, dtc, cs, sid, states, dstates, dy, dB, dC,
+            x, B, C, dcb, dtc, cs, sid, states, dstates, dy, dB, dC, dcs,
             seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
             HAS_SEQ=has_seq, **dot, **k,
         )  # fmt: skip
+        dD = dd.sum((0, 1)) if has_d else None
         return (
             dx, ddt, dcs, dB, dC, dD,
             dinit if ctx.has_init else None, None, None,

@@ -195,21 +195,24 @@ def _bench_ssd_point(s: SSDShape, dtype, mamba, hf_scan, bw: float, check: bool)
     return rows
 
 
-# Variants tried by --sweep: patches of mmfm.kernels.ssd's FWD_BLOCKS / BWD_BLOCKS / STATE_PASSING.
+# Variants tried by --sweep: patches of mmfm.kernels.ssd's FWD_BLOCKS / BWD_BLOCKS / STATE_PASSING(_BWD).
 SWEEP_VARIANTS: list[dict[str, dict]] = [
     {},
     {"fwd": {"scan": {"BM": 128, "BP": 64, "BK": 32, "BKN": 64, "num_warps": 4, "num_stages": 3}}},
     {"fwd": {"scan": {"BM": 64, "BP": 64, "BK": 64, "BKN": 64, "num_warps": 4, "num_stages": 2}}},
-    {"fwd": {"state": {"BP": 64, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 2}}},
-    {"state_passing": {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}},
-    {"state_passing": {"BLOCK": 128, "num_warps": 4, "num_stages": 3}},
-    {"state_passing": {"BLOCK": 512, "num_warps": 4, "num_stages": 2}},
+    {"fwd": {"scan": {"BM": 64, "BP": 64, "BK": 64, "BKN": 64, "num_warps": 8, "num_stages": 3}}},
+    {"state_passing_bwd": {"BLOCK": 256, "num_warps": 1, "num_stages": 2}},
+    {"state_passing_bwd": {"BLOCK": 128, "num_warps": 1, "num_stages": 3}},
+    {"state_passing_bwd": {"BLOCK": 512, "num_warps": 2, "num_stages": 2}},
+    {"state_passing_bwd": {"BLOCK": 1024, "num_warps": 4, "num_stages": 2}},
     {"bwd": {"dx": {"BS": 64, "BP": 64, "BL": 32, "BN": 32, "num_warps": 4, "num_stages": 3}}},
-    {"bwd": {"dx": {"BS": 128, "BP": 64, "BL": 32, "BN": 32, "num_warps": 8, "num_stages": 2}}},
+    {"bwd": {"dx": {"BS": 128, "BP": 64, "BL": 64, "BN": 64, "num_warps": 8, "num_stages": 2}}},
+    {"bwd": {"dx": {"BS": 64, "BP": 32, "BL": 64, "BN": 64, "num_warps": 4, "num_stages": 2}}},
     {"bwd": {"dcb": {"BM": 64, "BS": 64, "BP": 32, "num_warps": 4, "num_stages": 3}}},
     {"bwd": {"dcb": {"BM": 128, "BS": 64, "BP": 64, "num_warps": 8, "num_stages": 2}}},
     {"bwd": {"dbc": {"BM": 64, "BN": 64, "BP": 32, "BK": 32, "num_warps": 4, "num_stages": 3}}},
     {"bwd": {"dbc": {"BM": 128, "BN": 64, "BP": 64, "BK": 64, "num_warps": 8, "num_stages": 2}}},
+    {"bwd": {"dbc": {"BM": 32, "BN": 128, "BP": 64, "BK": 32, "num_warps": 4, "num_stages": 2}}},
 ]
 
 
@@ -220,7 +223,8 @@ def sweep_blocks(s: SSDShape, dtype=torch.bfloat16) -> list[dict]:
     leaves = _ssd_inputs(s, dtype)
     x, dt, A, B, C, D, dt_bias = leaves
     tables = {"fwd": "FWD_BLOCKS", "bwd": "BWD_BLOCKS"}
-    saved = {name: getattr(ssd, name) for name in (*tables.values(), "STATE_PASSING")}
+    passes = {"state_passing": "STATE_PASSING", "state_passing_bwd": "STATE_PASSING_BWD"}
+    saved = {name: getattr(ssd, name) for name in (*tables.values(), *passes.values())}
 
     def fwd():
         return ssd.ssd_chunk_scan(x, dt, A, B, C, s.chunk, D=D, dt_bias=dt_bias, dt_softplus=True, backend="triton")
@@ -234,7 +238,8 @@ def sweep_blocks(s: SSDShape, dtype=torch.bfloat16) -> list[dict]:
         for variant in SWEEP_VARIANTS:
             for key, name in tables.items():
                 setattr(ssd, name, {**saved[name], **variant.get(key, {})})
-            ssd.STATE_PASSING = variant.get("state_passing", saved["STATE_PASSING"])
+            for key, name in passes.items():
+                setattr(ssd, name, variant.get(key, saved[name]))
             grads = fwd_bwd()
             ref = grads if ref is None else ref
             diff = max((a.float() - r.float()).abs().max().item() for a, r in zip(grads, ref))
