@@ -250,6 +250,20 @@ def ssd_chunked_reference(
 if triton is not None:
 
     @triton.jit
+    def _tile_ids(NC, HPG, NBLK):
+        # Program ids of a launch over (NBLK * HPG * batch * NC, G): the NBLK tiles of one chunk of every
+        # head of a group are adjacent in launch order, so the group's B, C and C B^T of that chunk are
+        # read from L2 by all of them (with the chunk fastest they were fetched again per head and
+        # tile). Per-group kernels pass HPG = 1. One flat first axis: the 2nd/3rd are capped at 65535.
+        pid = tl.program_id(0)
+        g = tl.program_id(1)
+        blk = pid % NBLK
+        hh = (pid // NBLK) % HPG
+        pid_bc = pid // (NBLK * HPG)
+        bi = (pid_bc // NC).to(tl.int64)  # 64-bit offsets: B*L*H*P can pass 2**31
+        return pid_bc, bi, pid_bc % NC, g, g * HPG + hh, blk
+
+    @triton.jit
     def _chunk_state_fwd(
         x_ptr, b_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr,
         L, H, NC, Q, P, N, HPG,
@@ -259,13 +273,8 @@ if triton is not None:
     ):  # fmt: skip
         # State chunk c produces from zero, one (BP, BN) block of it: sum_k (x[k] r[k])^T B[k],
         # r = decay to the chunk end * dt, the chunk walked in BK-long slices.
-        pid_bc = tl.program_id(0)
-        h = tl.program_id(1)
-        pid_pn = tl.program_id(2)
-        bi = (pid_bc // NC).to(tl.int64)  # 64-bit offsets: B*L*H*P can pass 2**31
-        c = pid_bc % NC
-        g = h // HPG
         npb = tl.cdiv(P, BP)
+        pid_bc, bi, c, g, h, pid_pn = _tile_ids(NC, HPG, npb * tl.cdiv(N, BN))
         op = (pid_pn % npb) * BP + tl.arange(0, BP)
         on = (pid_pn // npb) * BN + tl.arange(0, BN)
         base = ((bi * H + h) * NC + c) * Q
@@ -299,16 +308,12 @@ if triton is not None:
     ):  # fmt: skip
         # C B^T of every chunk, once per GROUP (shared by its heads), (BM, BS) blocks on or below the
         # diagonal only: the scan never uses the strictly upper (anti-causal) part, left unwritten.
-        pid_bc = tl.program_id(0)
-        g = tl.program_id(1)
-        pid_ms = tl.program_id(2)
         nsb = tl.cdiv(Q, BS)
+        pid_bc, bi, c, g, _, pid_ms = _tile_ids(NC, 1, tl.cdiv(Q, BM) * nsb)
         m0 = (pid_ms // nsb) * BM
         s0 = (pid_ms % nsb) * BS
         if s0 >= m0 + BM:
             return
-        bi = (pid_bc // NC).to(tl.int64)
-        c = pid_bc % NC
         om = m0 + tl.arange(0, BM)
         os = s0 + tl.arange(0, BS)
         vm = (om < Q) & (c * Q + om < L)
@@ -368,13 +373,8 @@ if triton is not None:
         #   y[m] = exp(cs[m]) C[m] . S_in  +  sum_{s <= m} CB[m, s] exp(cs[m] - cs[s]) dt[s] x[s]  (+ D x[m])
         # the state read-out walks N in BKN slices, the causal sum walks positions in BK slices and stops
         # at the block's last row (the blocks above the diagonal are all zero).
-        pid_bc = tl.program_id(0)
-        h = tl.program_id(1)
-        pid_mp = tl.program_id(2)
-        bi = (pid_bc // NC).to(tl.int64)  # 64-bit offsets: B*L*H*P can pass 2**31
-        c = pid_bc % NC
-        g = h // HPG
         npb = tl.cdiv(P, BP)
+        pid_bc, bi, c, g, h, pid_mp = _tile_ids(NC, HPG, tl.cdiv(Q, BM) * npb)
         m0 = (pid_mp // npb) * BM
         om = m0 + tl.arange(0, BM)
         op = (pid_mp % npb) * BP + tl.arange(0, BP)
@@ -436,11 +436,7 @@ if triton is not None:
     ):  # fmt: skip
         # Gradient reaching chunk c's entering state directly from chunk c's outputs:
         # dS[p, n] = sum_l q[l] dy[l, p] C[l, n].
-        pid_bc = tl.program_id(0)
-        h = tl.program_id(1)
-        bi = (pid_bc // NC).to(tl.int64)  # 64-bit offsets: B*L*H*P can pass 2**31
-        c = pid_bc % NC
-        g = h // HPG
+        pid_bc, bi, c, g, h, _ = _tile_ids(NC, HPG, 1)
         oq = tl.arange(0, BQ)
         op = tl.arange(0, BP)
         on = tl.arange(0, BN)
@@ -519,13 +515,8 @@ if triton is not None:
         # blocked; the entering state's share q[l] C[l] . (dy[l] S_in) is added by _chunk_dbc_bwd, which
         # has both at hand). dD: one partial sum per (chunk, source block), summed by the caller, as
         # every program of a head adding into the same P addresses serialises on them.
-        pid_bc = tl.program_id(0)
-        h = tl.program_id(1)
-        pid_sp = tl.program_id(2)
-        bi = (pid_bc // NC).to(tl.int64)
-        c = pid_bc % NC
-        g = h // HPG
         npb = tl.cdiv(P, BP)
+        pid_bc, bi, c, g, h, pid_sp = _tile_ids(NC, HPG, tl.cdiv(Q, BS) * npb)
         s0 = (pid_sp // npb) * BS
         op = (pid_sp % npb) * BP + tl.arange(0, BP)
         os = s0 + tl.arange(0, BS)
@@ -601,16 +592,12 @@ if triton is not None:
         # the group's heads:  W_h[l, s] = exp(cs[l] - cs[s]) dt[s] (dy[l] . x[s]),  dCB = sum_h W_h.
         # Each head's d(cumsum) share through exp(cs[l] - cs[s]) (t = CB * W: +row sums, -column sums)
         # is added with atomics.
-        pid_bc = tl.program_id(0)
-        g = tl.program_id(1)
-        pid_ms = tl.program_id(2)
         nsb = tl.cdiv(Q, BS)
+        pid_bc, bi, c, g, _, pid_ms = _tile_ids(NC, 1, tl.cdiv(Q, BM) * nsb)
         m0 = (pid_ms // nsb) * BM
         s0 = (pid_ms % nsb) * BS
         if s0 >= m0 + BM:
             return
-        bi = (pid_bc // NC).to(tl.int64)
-        c = pid_bc % NC
         om = m0 + tl.arange(0, BM)
         os = s0 + tl.arange(0, BS)
         pos_m = c * Q + om
@@ -662,12 +649,8 @@ if triton is not None:
         #   dB[s] = sum_h rr_h[s] dt_h[s] x_h[s] dS_out_h  +  sum_{l >= s} dCB[l, s] C[l]
         # and each head's d(cumsum) share through its entering state, C[l] . (q_h[l] dy_h[l] S_in_h),
         # added with atomics (N is blocked).
-        pid_bc = tl.program_id(0)
-        g = tl.program_id(1)
-        pid_mn = tl.program_id(2)
-        bi = (pid_bc // NC).to(tl.int64)
-        c = pid_bc % NC
         nnb = tl.cdiv(N, BN)
+        pid_bc, bi, c, g, _, pid_mn = _tile_ids(NC, 1, tl.cdiv(Q, BM) * nnb)
         m0 = (pid_mn // nnb) * BM
         om = m0 + tl.arange(0, BM)
         on = (pid_mn % nnb) * BN + tl.arange(0, BN)
@@ -790,7 +773,7 @@ def _chunk_cb(B: torch.Tensor, C: torch.Tensor, nchunks: int, chunk_size: int, d
     bsz, seqlen, ngroups, dstate = B.shape
     cb = torch.empty(bsz, nchunks, ngroups, chunk_size, chunk_size, device=B.device, dtype=torch.float32)
     nblk = triton.cdiv(chunk_size, cfg["BM"]) * triton.cdiv(chunk_size, cfg["BS"])
-    _chunk_cb_fwd[(bsz * nchunks, ngroups, nblk)](
+    _chunk_cb_fwd[(nblk * bsz * nchunks, ngroups)](
         C, B, cb, seqlen, ngroups, nchunks, chunk_size, dstate, B.stride(0), B.stride(1), B.stride(2),
         **dot, **cfg,
     )  # fmt: skip
@@ -822,7 +805,7 @@ class _SSDChunkScanFn(torch.autograd.Function):
         fb = _clip_blocks(FWD_BLOCKS, chunk_size, headdim, dstate)
         st_cfg, cb_cfg, sc_cfg = fb["state"], fb["cb"], fb["scan"]
         npn = triton.cdiv(headdim, st_cfg["BP"]) * triton.cdiv(dstate, st_cfg["BN"])
-        _chunk_state_fwd[(bsz * nchunks, nheads, npn)](
+        _chunk_state_fwd[(npn * hpg * bsz * nchunks, ngroups)](
             x, B, dtc, cs, sid, states, seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg,
             *xs, *bs, ssb, ssl, HAS_SEQ=has_seq, **dot, **st_cfg,
         )  # fmt: skip
@@ -843,7 +826,7 @@ class _SSDChunkScanFn(torch.autograd.Function):
         y = torch.empty_like(x)
         has_d = D is not None
         nmb = triton.cdiv(chunk_size, sc_cfg["BM"]) * triton.cdiv(headdim, sc_cfg["BP"])
-        _chunk_scan_fwd[(bsz * nchunks, nheads, nmb)](
+        _chunk_scan_fwd[(nmb * hpg * bsz * nchunks, ngroups)](
             x, C, cb, dtc, cs, sid, states, D if has_d else dtc, y,
             seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
             HAS_SEQ=has_seq, HAS_D=has_d, **dot, **sc_cfg,
@@ -872,9 +855,8 @@ class _SSDChunkScanFn(torch.autograd.Function):
         dy = dy.to(x.dtype).contiguous()
         xs = (x.stride(0), x.stride(1), x.stride(2))
         bs = (B.stride(0), B.stride(1), B.stride(2))
-        grid = (bsz * nchunks, nheads)
         dstates = torch.empty(states.shape, device=x.device, dtype=torch.float32)
-        _chunk_dstate_bwd[grid](
+        _chunk_dstate_bwd[(hpg * bsz * nchunks, ngroups)](
             dy, C, cs, sid, dstates, seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg,
             *xs, *bs, ssb, ssl, HAS_SEQ=has_seq, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
         )  # fmt: skip
@@ -904,7 +886,7 @@ class _SSDChunkScanFn(torch.autograd.Function):
         k = bb["dx"]
         nsb = triton.cdiv(chunk_size, k["BS"])
         dd = torch.empty(bsz * nchunks, nsb, nheads, headdim, device=x.device, dtype=torch.float32) if has_d else None
-        _chunk_dx_bwd[(bsz * nchunks, nheads, nsb * triton.cdiv(headdim, k["BP"]))](
+        _chunk_dx_bwd[(nsb * triton.cdiv(headdim, k["BP"]) * hpg * bsz * nchunks, ngroups)](
             x, B, cb, dtc, cs, sid, dstates, D if has_d else dtc, dg, dy,
             dx, ddt, dcs, dd if has_d else dtc,
             seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
@@ -912,7 +894,8 @@ class _SSDChunkScanFn(torch.autograd.Function):
         )  # fmt: skip
         k = bb["dcb"]
         dcb = torch.empty_like(cb)
-        _chunk_dcb_bwd[(bsz * nchunks, ngroups, triton.cdiv(chunk_size, k["BM"]) * triton.cdiv(chunk_size, k["BS"]))](
+        nblk = triton.cdiv(chunk_size, k["BM"]) * triton.cdiv(chunk_size, k["BS"])
+        _chunk_dcb_bwd[(nblk * bsz * nchunks, ngroups)](
             x, cb, dtc, cs, sid, dy, dcb, dcs,
             seqlen, nheads, ngroups, nchunks, chunk_size, headdim, hpg, *xs, ssb, ssl,
             HAS_SEQ=has_seq, **dot, **k,
@@ -920,7 +903,8 @@ class _SSDChunkScanFn(torch.autograd.Function):
         k = bb["dbc"]
         dB = torch.empty(B.shape, device=x.device, dtype=B.dtype)
         dC = torch.empty(C.shape, device=x.device, dtype=C.dtype)
-        _chunk_dbc_bwd[(bsz * nchunks, ngroups, triton.cdiv(chunk_size, k["BM"]) * triton.cdiv(dstate, k["BN"]))](
+        nblk = triton.cdiv(chunk_size, k["BM"]) * triton.cdiv(dstate, k["BN"])
+        _chunk_dbc_bwd[(nblk * bsz * nchunks, ngroups)](
             x, B, C, dcb, dtc, cs, sid, states, dstates, dy, dB, dC, dcs,
             seqlen, nheads, ngroups, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
             HAS_SEQ=has_seq, **dot, **k,
