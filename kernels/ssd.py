@@ -303,11 +303,13 @@ if triton is not None:
 
     @triton.jit
     def _chunk_cb_fwd(
-        c_ptr, b_ptr, cb_ptr, L, G, NC, Q, N, sbb, sbl, sbg,
-        DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BKN: tl.constexpr,
+        c_ptr, b_ptr, sid_ptr, cb_ptr, L, G, NC, Q, N, sbb, sbl, sbg, ssb, ssl,
+        HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+        BM: tl.constexpr, BS: tl.constexpr, BKN: tl.constexpr,
     ):  # fmt: skip
         # C B^T of every chunk, once per GROUP (shared by its heads), (BM, BS) blocks on or below the
         # diagonal only: the scan never uses the strictly upper (anti-causal) part, left unwritten.
+        # Pairs from different packed sequences are stored as 0, so readers need no seq_idx test.
         nsb = tl.cdiv(Q, BS)
         pid_bc, bi, c, g, _, pid_ms = _tile_ids(NC, 1, tl.cdiv(Q, BM) * nsb)
         m0 = (pid_ms // nsb) * BM
@@ -326,6 +328,10 @@ if triton is not None:
             bv = tl.load(b_ptr + bi * sbb + (c * Q + os)[:, None] * sbl + g * sbg + ok[None, :],
                          mask=vs[:, None] & (ok[None, :] < N), other=0.0)
             acc += tl.dot(cv.to(DOT), tl.trans(bv).to(DOT), input_precision=PREC)
+        if HAS_SEQ:
+            sid_m = tl.load(sid_ptr + bi * ssb + (c * Q + om) * ssl, mask=vm, other=-1)
+            sid_s = tl.load(sid_ptr + bi * ssb + (c * Q + os) * ssl, mask=vs, other=-2)
+            acc = tl.where(sid_m[:, None] == sid_s[None, :], acc, 0.0)
         out = cb_ptr + ((bi * NC + c) * G + g) * Q * Q
         tl.store(out + om[:, None] * Q + os[None, :], acc, mask=(om[:, None] < Q) & (os[None, :] < Q))
 
@@ -399,21 +405,19 @@ if triton is not None:
         acc = acc * q[:, None]
         cbp = cb_ptr + ((bi * NC + c) * G + g) * Q * Q
         hi = tl.minimum(m0 + BM, Q)
+        mq = om[:, None] < Q
         for k0 in range(0, hi, BK):
             os = k0 + tl.arange(0, BK)
-            pos_s = c * Q + os
-            vs = (os < Q) & (pos_s < L)
             cs_s = tl.load(cs_ptr + base + os, mask=os < Q, other=0.0)
             dt_s = tl.load(dt_ptr + base + os, mask=os < Q, other=0.0)
-            causal = (om[:, None] >= os[None, :]) & vm[:, None] & vs[None, :]
-            if HAS_SEQ:
-                sid_s = tl.load(sid_ptr + bi * ssb + pos_s * ssl, mask=vs, other=-2)
-                causal = causal & (sid_m[:, None] == sid_s[None, :])
-            cbv = tl.load(cbp + om[:, None] * Q + os[None, :], mask=causal, other=0.0)
-            decay = tl.exp(tl.where(causal, cs_m[:, None] - cs_s[None, :], float("-inf")))
-            w = tl.where(causal, cbv * decay * dt_s[None, :], 0.0)
-            xv = tl.load(x_ptr + bi * sxb + pos_s[:, None] * sxl + h * sxh + op[None, :],
-                         mask=vs[:, None] & (op[None, :] < P), other=0.0)
+            # Light masks in this inner loop (they cost registers): C B^T is 0 past L and across packed
+            # sequences, x is 0 past L; only causality is applied, last, which also drops whatever the
+            # unwritten anti-causal blocks hold. exp(min(., 0)): no overflow on anti-causal pairs.
+            cbv = tl.load(cbp + om[:, None] * Q + os[None, :], mask=mq & (os[None, :] < Q), other=0.0)
+            w = cbv * tl.exp(tl.minimum(cs_m[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :]
+            w = tl.where(om[:, None] >= os[None, :], w, 0.0)
+            xv = tl.load(x_ptr + bi * sxb + (c * Q + os)[:, None] * sxl + h * sxh + op[None, :],
+                         mask=((os < Q) & (c * Q + os < L))[:, None] & (op[None, :] < P), other=0.0)
             acc += tl.dot(w.to(xv.dtype).to(DOT), xv.to(DOT), input_precision=PREC)
         if HAS_D:
             xm = tl.load(x_ptr + bi * sxb + pos_m[:, None] * sxl + h * sxh + op[None, :],
@@ -535,20 +539,19 @@ if triton is not None:
         cbp = cb_ptr + ((bi * NC + c) * G + g) * Q * Q
         mp = op[None, :] < P
         u = tl.zeros((BS, BP), dtype=tl.float32)
+        ms = os[:, None] < Q
         for l0 in range(s0, Q, BL):
             ol = l0 + tl.arange(0, BL)
             pos_l = c * Q + ol
-            vl = (ol < Q) & (pos_l < L)
             cs_l = tl.load(cs_ptr + base + ol, mask=ol < Q, other=0.0)
-            causal = (ol[:, None] >= os[None, :]) & vl[:, None] & vs[None, :]
-            if HAS_SEQ:
-                sid_l = tl.load(sid_ptr + bi * ssb + pos_l * ssl, mask=vl, other=-2)
-                causal = causal & (sid_l[:, None] == sid_s[None, :])
-            cbv = tl.load(cbp + ol[:, None] * Q + os[None, :], mask=causal, other=0.0)
-            mt = tl.where(causal, cbv * tl.exp(tl.where(causal, cs_l[:, None] - cs_s[None, :], float("-inf"))), 0.0)
+            # C B^T read transposed, (BS, BL) = CB[l, s]; light masks as in _chunk_scan_fwd (C B^T is 0
+            # past L and across packed sequences, dy is 0 past L), causality last.
+            cbt = tl.load(cbp + ol[None, :] * Q + os[:, None], mask=ms & (ol[None, :] < Q), other=0.0)
+            mt = cbt * tl.exp(tl.minimum(cs_l[None, :] - cs_s[:, None], 0.0))
+            mt = tl.where(ol[None, :] >= os[:, None], mt, 0.0)
             dyl = tl.load(dy_ptr + bi * sxb + pos_l[:, None] * sxl + h * sxh + op[None, :],
-                          mask=vl[:, None] & mp, other=0.0)
-            u += tl.dot(tl.trans(mt.to(dyl.dtype)).to(DOT), dyl.to(DOT), input_precision=PREC)
+                          mask=((ol < Q) & (pos_l < L))[:, None] & mp, other=0.0)
+            u += tl.dot(mt.to(dyl.dtype).to(DOT), dyl.to(DOT), input_precision=PREC)
         v = tl.zeros((BS, BP), dtype=tl.float32)
         sbase = (((bi * NC + c) * H + h) * P) * N
         for n0 in range(0, N, BN):
@@ -766,16 +769,19 @@ def _clip_blocks(table: dict[str, dict[str, int]], q: int, p: int, n: int) -> di
             for kernel, cfg in table.items()}
 
 
-def _chunk_cb(B: torch.Tensor, C: torch.Tensor, nchunks: int, chunk_size: int, dot: dict,
-              cfg: dict[str, int]) -> torch.Tensor:
-    """C B^T of every chunk and group, (batch, nchunks, G, Q, Q) fp32; only blocks on or below the diagonal
-    are written (the readers mask the rest). B, C: (batch, L, G, N) with the same strides."""
+def _chunk_cb(B: torch.Tensor, C: torch.Tensor, seq_idx: torch.Tensor | None, nchunks: int, chunk_size: int,
+              dot: dict, cfg: dict[str, int]) -> torch.Tensor:
+    """C B^T of every chunk and group, (batch, nchunks, G, Q, Q) fp32, 0 between packed sequences; only
+    blocks on or below the diagonal are written (the readers mask the rest). B, C: (batch, L, G, N) with the
+    same strides."""
     bsz, seqlen, ngroups, dstate = B.shape
     cb = torch.empty(bsz, nchunks, ngroups, chunk_size, chunk_size, device=B.device, dtype=torch.float32)
     nblk = triton.cdiv(chunk_size, cfg["BM"]) * triton.cdiv(chunk_size, cfg["BS"])
+    has_seq = seq_idx is not None
+    ssb, ssl = (seq_idx.stride(0), seq_idx.stride(1)) if has_seq else (0, 0)
     _chunk_cb_fwd[(nblk * bsz * nchunks, ngroups)](
-        C, B, cb, seqlen, ngroups, nchunks, chunk_size, dstate, B.stride(0), B.stride(1), B.stride(2),
-        **dot, **cfg,
+        C, B, seq_idx if has_seq else cb, cb, seqlen, ngroups, nchunks, chunk_size, dstate,
+        B.stride(0), B.stride(1), B.stride(2), ssb, ssl, HAS_SEQ=has_seq, **dot, **cfg,
     )  # fmt: skip
     return cb
 
@@ -822,7 +828,7 @@ class _SSDChunkScanFn(torch.autograd.Function):
             num_warps=STATE_PASSING["num_warps"], num_stages=STATE_PASSING["num_stages"],
         )  # fmt: skip
         states = entering  # the per-chunk fp32 buffer is not needed any more
-        cb = _chunk_cb(B, C, nchunks, chunk_size, dot, cb_cfg)
+        cb = _chunk_cb(B, C, seq_idx, nchunks, chunk_size, dot, cb_cfg)
         y = torch.empty_like(x)
         has_d = D is not None
         nmb = triton.cdiv(chunk_size, sc_cfg["BM"]) * triton.cdiv(headdim, sc_cfg["BP"])
@@ -878,7 +884,8 @@ class _SSDChunkScanFn(torch.autograd.Function):
         dg = dg.sum(-1).contiguous()
         bb = _clip_blocks(BWD_BLOCKS, chunk_size, headdim, dstate)
         # recomputed rather than saved: ~3% of the backward, and no (B, NC, G, Q, Q) buffer kept alive
-        cb = _chunk_cb(B, C, nchunks, chunk_size, dot, _clip_blocks(FWD_BLOCKS, chunk_size, headdim, dstate)["cb"])
+        cb = _chunk_cb(B, C, seq_idx, nchunks, chunk_size, dot,
+                       _clip_blocks(FWD_BLOCKS, chunk_size, headdim, dstate)["cb"])
         dx = torch.empty_like(x)
         ddt = torch.zeros_like(dtc)
         dcs = torch.zeros_like(cs)

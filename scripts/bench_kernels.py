@@ -203,11 +203,16 @@ SWEEP_VARIANTS: list[dict[str, dict]] = [
     {"fwd": {"scan": {"BM": 128, "BP": 64, "BK": 32, "BKN": 128, "num_warps": 4, "num_stages": 4}}},
     {"fwd": {"scan": {"BM": 64, "BP": 64, "BK": 32, "BKN": 128, "num_warps": 4, "num_stages": 3}}},
     {"fwd": {"state": {"BP": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3}}},
+    {"fwd": {"scan": {"BM": 64, "BP": 64, "BK": 32, "BKN": 32, "num_warps": 2, "num_stages": 4}}},
+    {"fwd": {"scan": {"BM": 64, "BP": 64, "BK": 32, "BKN": 32, "num_warps": 4, "num_stages": 4}}},
+    {"fwd": {"scan": {"BM": 128, "BP": 64, "BK": 32, "BKN": 32, "num_warps": 8, "num_stages": 3}}},
     {"state_passing_bwd": {"BLOCK": 256, "num_warps": 1, "num_stages": 2}},
     {"state_passing_bwd": {"BLOCK": 128, "num_warps": 1, "num_stages": 3}},
     {"state_passing_bwd": {"BLOCK": 512, "num_warps": 2, "num_stages": 2}},
     {"state_passing_bwd": {"BLOCK": 1024, "num_warps": 4, "num_stages": 2}},
     {"bwd": {"dx": {"BS": 64, "BP": 64, "BL": 32, "BN": 32, "num_warps": 4, "num_stages": 3}}},
+    {"bwd": {"dx": {"BS": 64, "BP": 64, "BL": 32, "BN": 128, "num_warps": 4, "num_stages": 4}}},
+    {"bwd": {"dx": {"BS": 128, "BP": 64, "BL": 32, "BN": 32, "num_warps": 4, "num_stages": 4}}},
     {"bwd": {"dx": {"BS": 128, "BP": 64, "BL": 64, "BN": 64, "num_warps": 8, "num_stages": 2}}},
     {"bwd": {"dx": {"BS": 64, "BP": 32, "BL": 64, "BN": 64, "num_warps": 4, "num_stages": 2}}},
     {"bwd": {"dcb": {"BM": 64, "BS": 64, "BP": 32, "num_warps": 4, "num_stages": 3}}},
@@ -255,6 +260,28 @@ def sweep_blocks(s: SSDShape, dtype=torch.bfloat16) -> list[dict]:
         for name, value in saved.items():
             setattr(ssd, name, value)
     return out
+
+
+def kernel_resources(module) -> list[str]:
+    """Registers per thread, spilled registers and shared memory of every compiled Triton kernel of
+    ``module`` (read from the JIT caches; Triton >= 3.0 layout, lines are skipped where it differs)."""
+    import triton
+
+    lines = []
+    for name in sorted(vars(module)):
+        fn = getattr(module, name)
+        if not isinstance(fn, triton.runtime.jit.JITFunction):
+            continue
+        for caches in getattr(fn, "device_caches", {}).values():
+            if not (isinstance(caches, tuple) and caches and isinstance(caches[0], dict)):
+                continue
+            for k in caches[0].values():
+                if hasattr(k, "_init_handles"):  # n_regs / n_spills are filled when the binary loads
+                    k._init_handles()
+                meta = getattr(k, "metadata", None)
+                lines.append(f"{name}: regs {getattr(k, 'n_regs', '?')} spills {getattr(k, 'n_spills', '?')} "
+                             f"shared {getattr(meta, 'shared', '?')} B warps {getattr(meta, 'num_warps', '?')}")
+    return lines
 
 
 def profile_ssd(s: SSDShape, dtype=torch.bfloat16, backward: bool = True, fn=None) -> str:
@@ -406,7 +433,10 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 def main(argv=None) -> int:
     a = build_arg_parser().parse_args(argv)
     if a.profile:
+        import mmfm.kernels.ssd as ssd
+
         print(profile_ssd(SSDShape(a.batch[0], a.seqlen[0])))
+        print("\n".join(kernel_resources(ssd)))
         if a.mamba_ssm_src:
             print("# mamba-ssm")
             print(profile_ssd(SSDShape(a.batch[0], a.seqlen[0]), fn=load_mamba_ssm(a.mamba_ssm_src)))
