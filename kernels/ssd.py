@@ -570,8 +570,8 @@ if triton is not None:
         if HAS_D:
             dv = tl.load(d_ptr + h * P + op, mask=op < P, other=0.0).to(tl.float32)
             dxv += dv[None, :] * dyf
-            tl.store(dd_ptr + ((pid_bc * tl.cdiv(Q, BS) + s0 // BS) * H + h) * P + op, tl.sum(dyf * xf, axis=0),
-                     mask=op < P)
+            tl.store(dd_ptr + ((pid_bc * tl.cdiv(Q, BS) + pid_sp // npb) * H + h) * P + op,
+                     tl.sum(dyf * xf, axis=0), mask=op < P)
         tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=mxp)
         tl.atomic_add(ddt_ptr + base + os, tl.sum(xf * grad_pre, axis=1), mask=os < Q)
         wst = rr * dt_s * tl.sum(xf * v, axis=1)
@@ -649,7 +649,7 @@ if triton is not None:
         BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
         # Per GROUP, one (BM positions, BN state channels) block of dB and dC, every head's share summed
-        # here (no atomics):
+        # here (no atomics on dB / dC):
         #   dC[l] = sum_h q_h[l] dy_h[l] S_in_h  +  sum_{s <= l} dCB[l, s] B[s]
         #   dB[s] = sum_h rr_h[s] dt_h[s] x_h[s] dS_out_h  +  sum_{l >= s} dCB[l, s] C[l]
         # and each head's d(cumsum) share through its entering state, C[l] . (q_h[l] dy_h[l] S_in_h),
