@@ -19,7 +19,12 @@ The Triton kernels keep a ``(BLOCK_D, N)`` state in registers. Two algorithms (s
 * ``scan``: walk the sequence in chunks of ``BLOCK_L`` steps; inside a chunk the linear recurrence is
   an associative scan over pairs ``(a, b)`` meaning ``h -> a * h + b``. Default backward.
 
-The forward saves the state at every ``BLOCK_L``-step boundary (only when a gradient is needed) so
+The CUDA C++ kernels (``kernels/csrc``, optional, built by ``python -m mmfm.kernels.build``) parallelise over
+time as well: one thread block per (batch, channel), NI steps per thread, a block-wide scan of the pairs
+per state (see the header of ``csrc/selective_scan.cuh``). ``backend="auto"`` prefers them for
+input-dependent B/C once built.
+
+The Triton forward saves the state at every ``BLOCK_L``-step boundary (only when a gradient is needed) so
 the backward can recompute each chunk's states and run the adjoint recurrence
 ``lambda[t] = C[t] dy[t] + exp(dt[t+1] A) lambda[t+1]`` (a reverse scan, or a reverse loop for ``seq``).
 Gradients of input-dependent B/C are summed over channel blocks with fp32 atomics.
@@ -918,6 +923,15 @@ def _scan_bwd_triton(u, delta, A, B, C, D, z, delta_bias, h0, hsave, dout, dhlas
     return du, ddelta, dz, dA.sum(0), dB, dC, dD.sum(0), ddbias.sum(0), dh0
 
 
+def _dtypes(*tensors) -> list:
+    return [t.dtype if t is not None else None for t in tensors]
+
+
+def _as_dtypes(dtypes, *grads) -> list:
+    """fp32 gradients back to their inputs' dtypes; None where the input was None."""
+    return [g.to(t) if t is not None else None for g, t in zip(grads, dtypes)]
+
+
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -937,9 +951,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         if needs_grad:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, hsave)
             ctx.softplus, ctx.cfg = delta_softplus, cfg
-            ctx.in_dtypes = [
-                t.dtype if t is not None else None for t in (A, B, C, D, delta_bias, initial_state)
-            ]
+            ctx.in_dtypes = _dtypes(A, B, C, D, delta_bias, initial_state)
         return out, hlast
 
     @staticmethod
@@ -949,21 +961,71 @@ class _SelectiveScanTriton(torch.autograd.Function):
         du, ddelta, dz, dA, dB, dC, dD, ddbias, dh0 = _scan_bwd_triton(
             u, delta, A, B, C, D, z, delta_bias, h0, hsave, dout, dhlast, ctx.softplus, ctx.cfg
         )
-        tA, tB, tC, tD, tbias, th0 = ctx.in_dtypes
-        return (
-            du,
-            ddelta,
-            dA.to(tA),
-            dB.to(tB),
-            dC.to(tC),
-            dD.to(tD) if D is not None else None,
-            dz,
-            ddbias.to(tbias) if delta_bias is not None else None,
-            dh0.to(th0) if th0 is not None else None,
-            None,
-            None,
-            None,
+        dA, dB, dC, dD, ddbias, dh0 = _as_dtypes(ctx.in_dtypes, dA, dB, dC, dD, ddbias, dh0)
+        return du, ddelta, dA, dB, dC, dD, dz, ddbias, dh0, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA C++ path (kernels/csrc/selective_scan*.{h,cuh,cu,cpp}, built by ``python -m mmfm.kernels.build``)
+# --------------------------------------------------------------------------------------------------
+def _cuda_ext():
+    from mmfm.kernels import _cuda_ext
+
+    return _cuda_ext.get("selective_scan")
+
+
+def _cuda_unsupported(u, delta, A, B, C, z) -> str | None:
+    """Why the CUDA kernels cannot run these inputs (None when they can)."""
+    if B.dim() == 2 or C.dim() == 2:
+        return "constant (D, N) B or C (the CUDA kernels take input-dependent B and C only)"
+    if A.shape[1] > 256:
+        return f"N={A.shape[1]} > 256 states"
+    others = {"delta": delta, "B": B, "C": C, "z": z}
+    mismatched = [k for k, t in others.items() if t is not None and t.dtype != u.dtype]
+    if mismatched:
+        return f"{', '.join(mismatched)} not in u's dtype {u.dtype}"
+    return None
+
+
+# benchmark variants of the CUDA kernels (bf16 only; MMFM_VARIANTS in csrc/selective_scan.cuh) -> chunk length
+VARIANT_CHUNK = {1: 2048, 2: 2048, 3: 1024, 4: 1024, 5: 1024, 6: 512, 7: 512, 8: 256, 9: 256, 10: 2048, 11: 1024, 12: 256, 13: 1024}
+
+
+def _cuda_chunk(seqlen: int) -> int:
+    """Steps per block pass: the whole sequence in one pass up to 2048 steps."""
+    return next(c for c in (256, 512, 1024, 2048) if seqlen <= c or c == 2048)
+
+
+class _SelectiveScanCuda(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, grad_enabled):
+        needs_grad = grad_enabled and any(ctx.needs_input_grad[:9])
+        ext = _cuda_ext()
+        u, delta, z = u.contiguous(), delta.contiguous(), z.contiguous() if z is not None else None
+        Bg, Cg = _lastdim_contiguous(_as_grouped(B)), _lastdim_contiguous(_as_grouped(C))
+        Af = A.float().contiguous()
+        Df = D.float().contiguous() if D is not None else None
+        bias = delta_bias.float().contiguous() if delta_bias is not None else None
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        chunk, variant = chunk
+        out, hlast, hsave = ext.fwd(u, delta, Af, Bg, Cg, Df, z, bias, h0, delta_softplus, needs_grad, chunk, variant)
+        if needs_grad:
+            ctx.save_for_backward(u, delta, Af, Bg, Cg, Df, z, bias, h0, hsave)
+            ctx.softplus, ctx.chunk, ctx.b_shape, ctx.c_shape = delta_softplus, (chunk, variant), B.shape, C.shape
+            ctx.in_dtypes = _dtypes(A, B, C, D, delta_bias, initial_state)
+        return out, hlast
+
+    @staticmethod
+    def backward(ctx, dout, dhlast):
+        u, delta, A, Bg, Cg, D, z, bias, h0, hsave = ctx.saved_tensors
+        dhlast = dhlast.float().contiguous() if dhlast is not None else None
+        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = _cuda_ext().bwd(
+            u, delta, A, Bg, Cg, D, z, bias, h0, hsave, dout.contiguous(), dhlast, ctx.softplus, *ctx.chunk
         )
+        dA, dB, dC, dD, dbias, dh0 = _as_dtypes(
+            ctx.in_dtypes, dA, dB.view(ctx.b_shape), dC.view(ctx.c_shape), dD, dbias, dh0
+        )
+        return du, ddelta, dA, dB, dC, dD, dz if z is not None else None, dbias, dh0, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1010,8 +1072,9 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
     )
 
 
-def _available() -> tuple[str, ...]:
-    return ("triton",) if triton is not None and triton_available() else ()
+def _available(cuda_ok: bool = True) -> tuple[str, ...]:
+    cuda = ("cuda",) if cuda_ok and _cuda_ext() is not None else ()
+    return cuda + (("triton",) if triton is not None and triton_available() else ())
 
 
 def selective_scan(
@@ -1043,7 +1106,9 @@ def selective_scan(
         delta_bias: ``(D,)``, added to ``delta`` before the softplus.
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the final state ``(batch, D, N)`` (fp32).
-        backend: ``"auto"``, ``"reference"`` or ``"triton"`` (``MMFM_KERNEL_BACKEND`` overrides ``auto``).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"`` (``MMFM_KERNEL_BACKEND`` overrides
+            ``auto``). ``"cuda"`` needs the extension built (``python -m mmfm.kernels.build``) and
+            input-dependent B/C in ``u``'s dtype; ``auto`` uses it for such inputs when built, else Triton.
         initial_state: state before the first step ``(batch, D, N)`` (zeros when omitted); with the last
             state this lets a long sequence be scanned in pieces.
 
@@ -1051,7 +1116,11 @@ def selective_scan(
         ``out`` ``(batch, D, L)`` in ``u``'s dtype, and the last state when ``return_last_state``.
     """
     _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    chosen = resolve_backend(backend, u.device, _available())
+    unsupported = _cuda_unsupported(u, delta, A, B, C, z)
+    if backend == "cuda" and unsupported:
+        raise ValueError(f"backend='cuda' cannot run these inputs: {unsupported}; use backend='triton' or 'auto'")
+    # auto: the CUDA kernels where they apply, else Triton
+    chosen = resolve_backend(backend, u.device, _available(cuda_ok=unsupported is None))
     if chosen == "reference" or u.shape[-1] == 0:
         return selective_scan_ref(
             u,
@@ -1066,6 +1135,14 @@ def selective_scan(
             return_last_state,
             initial_state=initial_state,
         )
+    if chosen == "cuda":
+        cfg = _config or {}
+        variant = cfg.get("variant", 0)
+        chunk = (VARIANT_CHUNK[variant] if variant else cfg.get("chunk", _cuda_chunk(u.shape[-1])), variant)
+        out, last = _SelectiveScanCuda.apply(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk, torch.is_grad_enabled()
+        )  # fmt: skip
+        return (out, last) if return_last_state else out
     out, last = _SelectiveScanTriton.apply(
         u,
         delta,

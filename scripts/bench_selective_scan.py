@@ -53,7 +53,8 @@ def build_mamba_cuda(src: Path, build_dir: Path):
     """Compile mamba-ssm's selective_scan_cuda extension for the local GPU's architecture only."""
     from torch.utils.cpp_extension import load
 
-    major, minor = torch.cuda.get_device_capability()
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")  # e.g. "9.0" to build on a machine without the GPU
+    major, minor = arch.split(".") if arch else torch.cuda.get_device_capability()
     csrc = src / "csrc" / "selective_scan"
     names = ["selective_scan.cpp"] + [
         f"selective_scan_{k}.cu"
@@ -79,7 +80,18 @@ def import_mamba(src: Path, build_dir: Path, build: bool):
     models and optional dependencies). Returns (selective_scan_fn or None, selective_scan_ref, note)."""
     note = ""
     cuda_mod = None
-    if build:
+    prebuilt = build_dir / "selective_scan_cuda.so"
+    if prebuilt.exists():  # built earlier (possibly on another machine with the same torch): just import it
+        import importlib.machinery
+        import importlib.util
+
+        loader = importlib.machinery.ExtensionFileLoader("selective_scan_cuda", str(prebuilt))
+        cuda_mod = importlib.util.module_from_spec(
+            importlib.util.spec_from_file_location("selective_scan_cuda", str(prebuilt), loader=loader)
+        )
+        loader.exec_module(cuda_mod)
+        note = f"mamba-ssm CUDA extension imported from {prebuilt}"
+    elif build:
         t0 = time.time()
         try:
             cuda_mod = build_mamba_cuda(src, build_dir)
@@ -180,14 +192,12 @@ def main() -> int:
     p.add_argument("--no-build", action="store_true", help="do not compile; anchor = selective_scan_ref")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
     p.add_argument("--skip-ref", action="store_true", help="skip the (slow) PyTorch references")
-    p.add_argument("--sweep", action="store_true", help="also time a few Triton block configurations")
+    p.add_argument("--sweep", nargs="?", const="all", choices=["all", "triton", "cuda"], default=None,
+                   help="also time other block configurations (of the Triton kernels, the CUDA ones or both)")
+    p.add_argument("--no-mmfm-cuda", action="store_true", help="skip mmfm's CUDA C++ path (else built here)")
     p.add_argument("--bw-tbs", type=float, default=3.0, help="copy bandwidth for the floor (H100: ~3.0 TB/s)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
-
-    if args.build_only:
+    if args.build_only:  # may run without a GPU when TORCH_CUDA_ARCH_LIST is set
         if args.mamba_src is None:
             print("--build-only needs --mamba-src", file=sys.stderr)
             return 2
@@ -195,6 +205,10 @@ def main() -> int:
         build_mamba_cuda(args.mamba_src, args.build_dir)
         print(f"built selective_scan_cuda in {time.time() - t0:.0f} s")
         return 0
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
 
     from mmfm.kernels.selective_scan import selective_scan, selective_scan_ref
 
@@ -204,10 +218,17 @@ def main() -> int:
     print(note)
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}; torch {torch.__version__}")
+    has_cuda = not args.no_mmfm_cuda
+    if has_cuda:
+        from mmfm.kernels import _cuda_ext
 
-    def mmfm_fn(cfg=None):
+        t0 = time.time()
+        _cuda_ext.build("selective_scan")
+        print(f"mmfm CUDA extension ready in {time.time() - t0:.0f} s")
+
+    def mmfm_fn(cfg=None, backend="triton"):
         def f(**kw):
-            return selective_scan(**kw, delta_softplus=True, backend="triton", _config=cfg)
+            return selective_scan(**kw, delta_softplus=True, backend=backend, _config=cfg)
 
         return f
 
@@ -231,6 +252,11 @@ def main() -> int:
             row["err_vs_mamba"] = max_rel_err(out, anchor_fn(**x))
             row["mamba_cuda"] = measure(anchor_fn, x, dout)
         row["mmfm_triton"] = measure(mmfm_fn(), x, dout)
+        if has_cuda:
+            row["err_cuda_vs_triton"] = max_rel_err(mmfm_fn(backend="cuda")(**x), out)
+            if mamba_fn is not None:
+                row["err_cuda_vs_mamba"] = max_rel_err(mmfm_fn(backend="cuda")(**x), anchor_fn(**x))
+            row["mmfm_cuda"] = measure(mmfm_fn(backend="cuda"), x, dout)
         if not args.skip_ref:
             row["err_vs_ref"] = max_rel_err(out, ref_fn(**x))
             # the reference's autograd graph of 16k steps is slow and large: forward only there
@@ -241,7 +267,7 @@ def main() -> int:
         if args.sweep:
             row["sweep"] = []
             sweep = [("seq", bd, 64, nw) for bd, nw in ((8, 1), (16, 2), (32, 4))] + [("scan", 8, 32, 4)]
-            for algo, bd, bl, nw in sweep:
+            for algo, bd, bl, nw in sweep if args.sweep in ("all", "triton") else ():
                 cfg = dict(algo=algo, block_d=bd, block_l=bl, num_warps=nw)
                 try:
                     r = measure(mmfm_fn(cfg), x, dout)
@@ -249,6 +275,14 @@ def main() -> int:
                 except Exception as exc:  # e.g. out of registers/shared memory for a config
                     r = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
                 row["sweep"].append({"cfg": cfg, **r})
+            from mmfm.kernels.selective_scan import VARIANT_CHUNK
+
+            cuda_cfgs = [dict(chunk=c) for c in (256, 512, 1024, 2048)]
+            cuda_cfgs += [dict(variant=k) for k, c in VARIANT_CHUNK.items() if c < 2 * seqlen or c == 2048]
+            for cfg in cuda_cfgs if has_cuda and args.sweep in ("all", "cuda") else ():
+                r = measure(mmfm_fn(cfg, "cuda"), x, dout)
+                r["err_vs_default"] = max_rel_err(mmfm_fn(cfg, "cuda")(**x), out)
+                row["sweep"].append({"cfg": {"cuda": cfg}, **r})
         rows.append(row)
         print(json.dumps(row))
         del x, dout
@@ -272,7 +306,7 @@ def main() -> int:
     ]
     for row in rows:
         anc = row.get(anchor_key) if anchor_key else None
-        for key in ("mamba_cuda", "mmfm_triton", "mmfm_reference", "mamba_ref"):
+        for key in ("mamba_cuda", "mmfm_cuda", "mmfm_triton", "mmfm_reference", "mamba_ref"):
             if key not in row:
                 continue
             r = row[key]

@@ -67,7 +67,7 @@ def run_with_grads(inputs, backend, softplus=True, initial_state=None, config=No
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
     h0 = initial_state.detach().clone().requires_grad_(True) if initial_state is not None else None
     kwargs = dict(backend=backend, initial_state=h0)
-    if config is not None and backend == "triton":
+    if config is not None and backend in ("triton", "cuda"):
         kwargs["_config"] = config
     out, last = ss.selective_scan(
         leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], leaves.get("D"), leaves.get("z"),
@@ -83,8 +83,8 @@ def run_with_grads(inputs, backend, softplus=True, initial_state=None, config=No
     return out, last, grads
 
 
-def assert_matches(inputs, tol, softplus=True, initial_state=None, config=None):
-    out, last, grads = run_with_grads(inputs, "triton", softplus, initial_state, config)
+def assert_matches(inputs, tol, softplus=True, initial_state=None, config=None, backend="triton"):
+    out, last, grads = run_with_grads(inputs, backend, softplus, initial_state, config)
     ref_inputs = {k: (v.float() if v is not None else None) for k, v in inputs.items()}
     ref_h0 = initial_state.float() if initial_state is not None else None
     r_out, r_last, r_grads = run_with_grads(
@@ -360,3 +360,93 @@ class TestGPU:
         y2, h2 = ss.selective_scan(**second, delta_softplus=True, return_last_state=True, initial_state=h1)
         torch.testing.assert_close(torch.cat([y1, y2], -1), full, **FP32_TOL)
         torch.testing.assert_close(h2, last, **FP32_TOL)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA C++ extension on a GPU (built here if it is not yet: needs nvcc, ~1 min)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="class")
+def cuda_ext():
+    from mmfm.kernels import _cuda_ext
+
+    return _cuda_ext.build("selective_scan")
+
+
+CUDA_GRID = [
+    # (batch, dim, seqlen, dstate, b_layout, groups, extras): L across the chunk lengths 256-2048 and past
+    # one chunk (several chunks), odd L, grouped B/C, N up to 256
+    (2, 64, seqlen, dstate, bl, g, extras)
+    for dstate in (16, 64, 128)
+    for (bl, g, extras), lengths in (
+        (("var", 1, True), (1, 7, 33, 300, 700, 2048, 5000)),
+        (("group", 4, False), (33, 2049)),
+    )
+    for seqlen in lengths
+] + [(1, 32, 300, 256, "var", 1, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.usefixtures("cuda_ext")
+class TestCUDA:
+    @pytest.mark.parametrize("batch, dim, seqlen, dstate, bl, groups, extras", CUDA_GRID)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+    def test_grid(self, batch, dim, seqlen, dstate, bl, groups, extras, dtype):
+        if dtype == torch.float16 and dstate != 16:
+            pytest.skip("fp16: one N is enough (same code as bf16 but the conversion)")
+        x = make_inputs(
+            batch, dim, seqlen, dstate, b_layout=bl, c_layout=bl, groups=groups, has_d=extras, has_z=extras,
+            has_bias=extras, dtype=dtype, device="cuda",
+        )  # fmt: skip
+        h0 = torch.randn(batch, dim, dstate, device="cuda") if extras else None
+        tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else BF16_TOL
+        if dtype == torch.float16:
+            tol = dict(atol=5e-3, rtol=5e-3)  # fp16 rounds to 2**-11
+        assert_matches(x, tol, softplus=extras, initial_state=h0, backend="cuda")
+
+    @pytest.mark.parametrize("chunk", [256, 512, 1024, 2048])
+    def test_every_chunk_length(self, chunk):
+        x = make_inputs(2, 64, 3000, 16, dtype=torch.float32, device="cuda")
+        assert_matches(x, dict(atol=1e-3, rtol=1e-3), config=dict(chunk=chunk), backend="cuda")
+
+    def test_non_contiguous_and_auto_picks_cuda(self, monkeypatch):
+        x = make_inputs(2, 64, 100, 16, device="cuda")
+        x["u"] = x["u"].transpose(1, 2).contiguous().transpose(1, 2)  # stride 1 along D, not L
+        x["B"] = x["B"].transpose(1, 2).contiguous().transpose(1, 2)
+        monkeypatch.delenv("MMFM_KERNEL_BACKEND", raising=False)
+        chunk_for, called = ss._cuda_chunk, []
+        monkeypatch.setattr(ss, "_cuda_chunk", lambda n: called.append(n) or chunk_for(n))  # on the CUDA path only
+        assert_matches(x, dict(atol=1e-3, rtol=1e-3), backend="auto")
+        assert called == [100]
+
+    def test_constant_B_is_refused_with_a_reason(self):
+        x = make_inputs(2, 64, 33, 16, b_layout="const", device="cuda")
+        with pytest.raises(ValueError, match=r"backend='cuda' cannot run these inputs: constant"):
+            ss.selective_scan(**x, backend="cuda")
+        ss.selective_scan(**x)  # auto: Triton
+
+
+def test_cuda_backend_without_the_extension_says_how_to_get_it():
+    x = make_inputs()
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available here"):
+        ss.selective_scan(**x, backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs: constant"):
+        ss.selective_scan(**make_inputs(b_layout="const"), backend="cuda")
+
+
+def test_cuda_build_dir_tracks_sources_and_versions(tmp_path, monkeypatch):
+    from mmfm.kernels import _cuda_ext
+
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for name in _cuda_ext.EXTENSIONS["selective_scan"] + ("selective_scan.h", "selective_scan.cuh"):
+        (src / name).write_text("// " + name)
+    monkeypatch.setattr(_cuda_ext, "CSRC", src)
+    monkeypatch.setenv(_cuda_ext.BUILD_DIR_VAR, str(tmp_path / "builds"))
+    first = _cuda_ext.build_dir("selective_scan")
+    assert first.parent.parent == tmp_path / "builds" and f"torch{torch.__version__.split('+')[0]}" in first.parent.name
+    (src / "selective_scan.cuh").write_text("// changed header")  # a header edit must not reuse the old build
+    assert _cuda_ext.build_dir("selective_scan") != first
+    assert _cuda_ext._built_library("selective_scan") is None
+    with pytest.raises(ValueError, match="unknown CUDA extension 'nope'"):
+        _cuda_ext.build_dir("nope")

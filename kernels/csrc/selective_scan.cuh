@@ -1,0 +1,440 @@
+// Selective scan (Mamba-1 S6) forward and backward for input-dependent (grouped) B and C.
+//
+// One thread block scans one (batch, channel) row. The sequence is walked in chunks of NT * NI steps;
+// thread t of the block owns NI consecutive steps of the chunk. Per state index n the linear recurrence
+// h[t] = a[t] h[t-1] + b[t] (a = exp(dt A), b = dt B u) is a scan over pairs (a, b): each thread folds its
+// NI pairs, the block scans the NT thread aggregates with warp shuffles (one __syncthreads), and each
+// thread replays its steps from its exclusive prefix. The chain that is sequential per thread is NI
+// steps long instead of L, which is why this beats one-thread-per-(d, n) loops over time.
+//
+// The backward walks the chunks in reverse. Per chunk and n it recomputes the states from the state the
+// forward saved at the chunk's start, then runs the adjoint as a reverse scan of q[t] = dL/dh[t-1]:
+//   g[t] = C[t] dy[t] + q[t+1],   q[t] = a[t] g[t]   ->   pairs (a[t], a[t] C[t] dy[t]) in reverse order.
+// B/C gradients are summed over the channels of a group with fp32 atomics (transposed through shared
+// memory first so that a warp's atomics hit consecutive addresses).
+//
+// Layout contract (checked on the host): u, delta, z, dout (batch, D, L), B and C (batch, G, N, L), all
+// with stride 1 along L; A (D, N), D and delta_bias (D,), initial/last states (batch, D, N) fp32 contiguous.
+
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "selective_scan.h"
+
+namespace mmfm_selective_scan {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFull = 0xffffffffu;
+
+struct Pair {  // the affine map h -> a * h + b
+  float a, b;
+};
+
+// `first` applied, then `second`.
+__device__ __forceinline__ Pair compose(Pair first, Pair second) {
+  return {first.a * second.a, fmaf(second.a, first.b, second.b)};
+}
+
+// Exclusive scan over the block's threads in thread order (REV: reverse thread order). `warp_tot` is
+// NT / 32 Pairs of shared memory; callers alternate two buffers so one barrier per scan suffices.
+// With several rows per block (threads [r * NT, (r + 1) * NT) scan row r) every row passes the barrier.
+template <int NT, bool REV>
+__device__ __forceinline__ Pair block_exclusive_scan(Pair v, Pair* warp_tot) {
+  constexpr int NW = NT / 32;
+  const int lane = threadIdx.x & 31;
+  const int warp = (threadIdx.x % NT) >> 5;
+  Pair inc = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float pa = REV ? __shfl_down_sync(kFull, inc.a, off) : __shfl_up_sync(kFull, inc.a, off);
+    const float pb = REV ? __shfl_down_sync(kFull, inc.b, off) : __shfl_up_sync(kFull, inc.b, off);
+    if (REV ? lane + off < 32 : lane >= off) inc = compose({pa, pb}, inc);
+  }
+  const float ea = REV ? __shfl_down_sync(kFull, inc.a, 1) : __shfl_up_sync(kFull, inc.a, 1);
+  const float eb = REV ? __shfl_down_sync(kFull, inc.b, 1) : __shfl_up_sync(kFull, inc.b, 1);
+  Pair ex = (REV ? lane == 31 : lane == 0) ? Pair{1.f, 0.f} : Pair{ea, eb};
+  if (NW == 1) {
+    __syncwarp();  // orders the callers' shared-memory traffic around the scan, as the barrier below does
+    return ex;
+  }
+  if (lane == (REV ? 0 : 31)) warp_tot[warp] = inc;
+  __syncthreads();
+  Pair before = {1.f, 0.f};
+#pragma unroll
+  for (int k = 0; k < NW; ++k) {
+    const int w = REV ? NW - 1 - k : k;
+    if (REV ? w > warp : w < warp) before = compose(before, warp_tot[w]);
+  }
+  return compose(before, ex);
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+// Loads this thread's NI consecutive items (zeros past `valid`); 16-byte vector loads when possible.
+template <typename T, int NI>
+__device__ __forceinline__ void load_items(const T* __restrict__ p, int valid, float (&v)[NI]) {
+  constexpr bool kVec = (NI * sizeof(T)) % 16 == 0;
+  if (kVec && valid >= NI && (reinterpret_cast<std::uintptr_t>(p) & 15) == 0) {
+    alignas(16) T tmp[NI];
+#pragma unroll
+    for (int k = 0; k < int(NI * sizeof(T) / 16); ++k)
+      reinterpret_cast<uint4*>(tmp)[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
+#pragma unroll
+    for (int i = 0; i < NI; ++i) v[i] = to_float(tmp[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < NI; ++i) v[i] = i < valid ? to_float(p[i]) : 0.f;
+  }
+}
+
+template <typename T, int NI>
+__device__ __forceinline__ void store_items(T* __restrict__ p, int valid, const float (&v)[NI]) {
+  constexpr bool kVec = (NI * sizeof(T)) % 16 == 0;
+  if (kVec && valid >= NI && (reinterpret_cast<std::uintptr_t>(p) & 15) == 0) {
+    alignas(16) T tmp[NI];
+#pragma unroll
+    for (int i = 0; i < NI; ++i) tmp[i] = static_cast<T>(v[i]);
+#pragma unroll
+    for (int k = 0; k < int(NI * sizeof(T) / 16); ++k)
+      reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(tmp)[k];
+  } else {
+#pragma unroll
+    for (int i = 0; i < NI; ++i)
+      if (i < valid) p[i] = static_cast<T>(v[i]);
+  }
+}
+
+__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+
+// PQ: each thread keeps its steps' inclusive prefix maps (P[i], Q[i]) from the fold, so that after the
+// scan h[i] = P[i] h_in + Q[i] are independent FMAs instead of a second dependent chain of NI steps.
+template <int NT, int NI, bool PQ, typename T>
+__global__ void __launch_bounds__(NT) selective_scan_fwd_kernel(Params p) {
+  constexpr int CHUNK = NT * NI;
+  __shared__ Pair warp_tot[2][NT / 32];
+  __shared__ float h_run[2][kMaxState];
+  const int d = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, N = p.dstate;
+  const int g = d / p.group_size;
+  const T* u = static_cast<const T*>(p.u) + b * p.u_sb + d * p.u_sd;
+  const T* delta = static_cast<const T*>(p.delta) + b * p.delta_sb + d * p.delta_sd;
+  const T* Bp = static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg;
+  const T* Cp = static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg;
+  const float* A = p.A + int64_t(d) * N;
+  const float Dskip = p.D ? p.D[d] : 0.f;
+  const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+  const int64_t row_state = (int64_t(b) * p.dim + d) * N;
+  for (int n = tid; n < N; n += NT) h_run[0][n] = p.h0 ? p.h0[row_state + n] : 0.f;
+  __syncthreads();
+  int scans = 0;
+  for (int c = 0; c < p.n_chunks; ++c) {
+    const int t0 = c * CHUNK + tid * NI;
+    const int valid = min(NI, p.seqlen - t0);
+    float uv[NI], dt[NI], acc[NI];
+    load_items<T, NI>(u + t0, valid, uv);
+    load_items<T, NI>(delta + t0, valid, dt);
+#pragma unroll
+    for (int i = 0; i < NI; ++i) {
+      const float x = dt[i] + bias;
+      dt[i] = i < valid ? (p.softplus ? softplus(x) : x) : 0.f;
+      acc[i] = Dskip * uv[i];
+      uv[i] *= dt[i];  // dt * u from here on
+    }
+    float Bv[NI], Cv[NI];
+    load_items<T, NI>(Bp + t0, valid, Bv);
+    for (int n = 0; n < N; ++n) {
+      const float A2 = A[n] * kLog2e;
+      float a[NI], bb[NI];  // PQ: the inclusive prefix maps P, Q of this thread's steps
+      Pair agg = {1.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < NI; ++i) {
+        const float ai = exp2f(dt[i] * A2);  // dt = 0 past the end: the identity step
+        const float bi = uv[i] * Bv[i];
+        agg = compose(agg, {ai, bi});
+        a[i] = PQ ? agg.a : ai;
+        bb[i] = PQ ? agg.b : bi;
+      }
+      load_items<T, NI>(Cp + n * p.C_sn + t0, valid, Cv);
+      if (n + 1 < N) load_items<T, NI>(Bp + (n + 1) * p.B_sn + t0, valid, Bv);  // next state's B, early
+      const Pair ex = block_exclusive_scan<NT, false>(agg, warp_tot[scans++ & 1]);
+      const float h_in = h_run[c & 1][n];
+      float h = fmaf(ex.a, h_in, ex.b);
+      const float h0 = h;
+#pragma unroll
+      for (int i = 0; i < NI; ++i) {
+        h = PQ ? fmaf(a[i], h0, bb[i]) : fmaf(a[i], h, bb[i]);
+        acc[i] = fmaf(Cv[i], h, acc[i]);
+      }
+      if (tid == NT - 1) {  // the last thread's state is the chunk's end state
+        h_run[(c + 1) & 1][n] = h;
+        if (p.hsave) p.hsave[(row_state * p.n_chunks) + int64_t(c) * N + n] = h;
+        if (c == p.n_chunks - 1) p.hlast[row_state + n] = h;
+      }
+    }
+    if (p.z) {
+      float zv[NI];
+      load_items<T, NI>(static_cast<const T*>(p.z) + b * p.z_sb + d * p.z_sd + t0, valid, zv);
+#pragma unroll
+      for (int i = 0; i < NI; ++i) acc[i] *= zv[i] * sigmoid(zv[i]);
+    }
+    store_items<T, NI>(static_cast<T*>(p.out) + b * p.out_sb + d * p.out_sd + t0, valid, acc);
+    __syncthreads();  // h_run of this chunk is read before the next chunk overwrites the other buffer
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ float block_sum(float v, float* red) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < NT / 32; ++w) s += red[w];
+  return s;
+}
+
+// R rows (channels of one group) per block: their B/C gradients are summed in shared memory before
+// the global atomics, R times fewer of them (the host uses R > 1 only when R divides the group size).
+template <int NT, int NI, int R, typename T>
+__global__ void __launch_bounds__(NT * R) selective_scan_bwd_kernel(Params p) {
+  constexpr int CHUNK = NT * NI;
+  constexpr int PAD = NI + 1;  // conflict-free transposes through `exch`
+  static_assert(NI % R == 0, "each thread sums NI / R steps of the rows' B/C gradients");
+  __shared__ Pair warp_tot_all[R][2][NT / 32];
+  __shared__ float q_run_all[R][2][kMaxState];
+  __shared__ float dA_acc_all[R][kMaxState];
+  __shared__ float exch[R][2][NT * PAD];
+  __shared__ float red_all[R][NT / 32];
+  const int row = threadIdx.x / NT;
+  auto& warp_tot = warp_tot_all[row];
+  auto& q_run = q_run_all[row];
+  auto& dA_acc = dA_acc_all[row];
+  float* red = red_all[row];
+  const int d = blockIdx.x * R + row, b = blockIdx.y, tid = threadIdx.x % NT, N = p.dstate;
+  const int g = d / p.group_size;
+  // du / ddelta / dz are allocated like u and dout is contiguous too (both checked on the host)
+  const int64_t u_off = b * p.u_sb + d * p.u_sd;
+  const T* u = static_cast<const T*>(p.u) + u_off;
+  const T* delta = static_cast<const T*>(p.delta) + b * p.delta_sb + d * p.delta_sd;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_sb + d * p.dout_sd;
+  const T* Bp = static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg;
+  const T* Cp = static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg;
+  const int groups = p.dim / p.group_size;
+  float* dBp_block = p.dB + (int64_t(b) * groups + g) * N * p.seqlen;  // all rows share the group
+  float* dCp_block = p.dC + (int64_t(b) * groups + g) * N * p.seqlen;
+  const float* A = p.A + int64_t(d) * N;
+  const float Dskip = p.D ? p.D[d] : 0.f;
+  const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+  const int64_t row_state = (int64_t(b) * p.dim + d) * N;
+  for (int n = tid; n < N; n += NT) {
+    q_run[(p.n_chunks - 1) & 1][n] = p.dhlast ? p.dhlast[row_state + n] : 0.f;
+    dA_acc[n] = 0.f;
+  }
+  __syncthreads();
+  float dD_part = 0.f, dbias_part = 0.f;
+  int scans = 0;
+  for (int c = p.n_chunks - 1; c >= 0; --c) {
+    const int t0 = c * CHUNK + tid * NI;
+    const int valid = min(NI, p.seqlen - t0);
+    float uv[NI], dt[NI], dy[NI], zv[NI], y[NI], du[NI], ddt[NI];
+    load_items<T, NI>(u + t0, valid, uv);
+    load_items<T, NI>(delta + t0, valid, dt);
+    load_items<T, NI>(dout + t0, valid, dy);
+    if (p.z) load_items<T, NI>(static_cast<const T*>(p.z) + b * p.z_sb + d * p.z_sd + t0, valid, zv);
+    float dsp[NI];  // d softplus / d (delta + bias)
+#pragma unroll
+    for (int i = 0; i < NI; ++i) {
+      const float x = dt[i] + bias;
+      dsp[i] = p.softplus ? sigmoid(x) : 1.f;
+      dt[i] = i < valid ? (p.softplus ? softplus(x) : x) : 0.f;
+      if (p.z) dy[i] *= zv[i] * sigmoid(zv[i]);  // dL/dy, y before the gate
+      y[i] = Dskip * uv[i];
+      du[i] = Dskip * dy[i];
+      ddt[i] = 0.f;
+      dD_part = fmaf(dy[i], uv[i], dD_part);
+    }
+    const float* h_start = c == 0 ? p.h0 : p.hsave + row_state * p.n_chunks + int64_t(c - 1) * N;
+    float Bv[NI], Cv[NI];
+    load_items<T, NI>(Bp + t0, valid, Bv);
+    load_items<T, NI>(Cp + t0, valid, Cv);
+    for (int n = 0; n < N; ++n) {
+      const float Av = A[n], A2 = Av * kLog2e;
+      float a[NI], hp[NI];
+      Pair agg = {1.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < NI; ++i) {
+        a[i] = exp2f(dt[i] * A2);
+        agg = compose(agg, {a[i], dt[i] * uv[i] * Bv[i]});
+      }
+      const Pair ex = block_exclusive_scan<NT, false>(agg, warp_tot[scans++ & 1]);
+      float h = fmaf(ex.a, h_start ? h_start[(c == 0 ? row_state : 0) + n] : 0.f, ex.b);
+      float* ex_dB = exch[row][0] + tid * PAD;
+      float* ex_dC = exch[row][1] + tid * PAD;
+      Pair ragg = {1.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < NI; ++i) {
+        hp[i] = h;
+        h = fmaf(a[i], h, dt[i] * uv[i] * Bv[i]);
+        y[i] = fmaf(Cv[i], h, y[i]);
+        ex_dC[i] = dy[i] * h;
+      }
+#pragma unroll
+      for (int i = NI - 1; i >= 0; --i) ragg = compose(ragg, {a[i], a[i] * Cv[i] * dy[i]});
+      const Pair rex = block_exclusive_scan<NT, true>(ragg, warp_tot[scans++ & 1]);
+      float q = fmaf(rex.a, q_run[c & 1][n], rex.b);  // q at the step after this thread's last one
+      float dA_part = 0.f;
+#pragma unroll
+      for (int i = NI - 1; i >= 0; --i) {
+        const float gr = fmaf(Cv[i], dy[i], q);  // dL/dh[t]
+        const float qi = a[i] * gr;              // dL/dh[t-1]
+        ex_dB[i] = gr * dt[i] * uv[i];
+        du[i] = fmaf(gr * dt[i], Bv[i], du[i]);
+        ddt[i] = fmaf(gr, Bv[i] * uv[i], fmaf(qi * Av, hp[i], ddt[i]));
+        dA_part = fmaf(dt[i] * hp[i], qi, dA_part);
+        q = qi;
+      }
+      if (tid == 0) {
+        if (c > 0) q_run[(c - 1) & 1][n] = q;
+        else if (p.dh0) p.dh0[row_state + n] = q;
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) dA_part += __shfl_xor_sync(kFull, dA_part, off);
+      if ((tid & 31) == 0) atomicAdd(&dA_acc[n], dA_part);
+      if (n + 1 < N) {  // next state's B and C, issued before this state's atomics
+        load_items<T, NI>(Bp + (n + 1) * p.B_sn + t0, valid, Bv);
+        load_items<T, NI>(Cp + (n + 1) * p.C_sn + t0, valid, Cv);
+      }
+      __syncthreads();
+      const int64_t base = int64_t(n) * p.seqlen + int64_t(c) * CHUNK;
+#pragma unroll
+      for (int i = 0; i < NI / R; ++i) {
+        const int j = i * NT * R + threadIdx.x;  // chunk-local step: consecutive threads, consecutive addresses
+        if (c * CHUNK + j < p.seqlen) {
+          const int k = (j / NI) * PAD + j % NI;
+          float sb = 0.f, sc = 0.f;
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            sb += exch[r][0][k];
+            sc += exch[r][1][k];
+          }
+          atomicAdd(dBp_block + base + j, sb);
+          atomicAdd(dCp_block + base + j, sc);
+        }
+      }
+    }
+    float dd[NI];
+    if (p.z) {
+      float dzv[NI];
+#pragma unroll
+      for (int i = 0; i < NI; ++i) {
+        const float s = sigmoid(zv[i]);
+        const float go = i < valid ? to_float(dout[t0 + i]) : 0.f;
+        dzv[i] = go * y[i] * s * (1.f + zv[i] * (1.f - s));
+      }
+      store_items<T, NI>(static_cast<T*>(p.dz) + u_off + t0, valid, dzv);
+    }
+#pragma unroll
+    for (int i = 0; i < NI; ++i) {
+      dd[i] = i < valid ? ddt[i] * dsp[i] : 0.f;
+      dbias_part += dd[i];
+    }
+    store_items<T, NI>(static_cast<T*>(p.du) + u_off + t0, valid, du);
+    store_items<T, NI>(static_cast<T*>(p.ddelta) + u_off + t0, valid, dd);
+    __syncthreads();
+  }
+  for (int n = tid; n < N; n += NT) atomicAdd(p.dA + int64_t(d) * N + n, dA_acc[n]);
+  const float dD_sum = block_sum<NT>(dD_part, red);
+  const float dbias_sum = block_sum<NT>(dbias_part, red);
+  if (tid == 0) {
+    if (p.dD) atomicAdd(p.dD + d, dD_sum);
+    if (p.ddelta_bias) atomicAdd(p.ddelta_bias + d, dbias_sum);
+  }
+}
+
+// Launch configurations: NT threads x NI steps per block pass (chunk = NT * NI). The forward and the
+// backward of one call use the same chunk length, not necessarily the same NT / NI.
+#define MMFM_LAUNCH_FWD(NT, NI, PQ) \
+  selective_scan_fwd_kernel<NT, NI, PQ, T><<<dim3(p.dim, p.batch), NT, 0, stream>>>(p)
+#define MMFM_LAUNCH_BWD(NT, NI, R) \
+  selective_scan_bwd_kernel<NT, NI, R, T><<<dim3(p.dim / (R), p.batch), (NT) * (R), 0, stream>>>(p)
+
+// Alternative configurations, bf16 only, for benchmark sweeps (`variant` > 0; VARIANT_CHUNK in
+// kernels/selective_scan.py): (NT, NI) of the forward and of the backward, same chunk length.
+// Backward variants with R = 2 rows per block run only when 2 divides the group size.
+#define MMFM_VARIANTS(X)                       \
+  X(1, (128, 16, false), (128, 16, 1))         \
+  X(2, (256, 8, false), (128, 16, 2))          \
+  X(3, (128, 8, false), (128, 8, 1))           \
+  X(4, (128, 8, false), (64, 16, 1))           \
+  X(5, (64, 16, false), (64, 16, 2))           \
+  X(6, (64, 8, false), (32, 16, 1))            \
+  X(7, (32, 16, false), (32, 16, 2))           \
+  X(8, (64, 4, false), (64, 4, 1))             \
+  X(9, (32, 8, false), (32, 8, 2))             \
+  X(10, (128, 16, true), (256, 8, 1))          \
+  X(11, (128, 8, true), (64, 16, 1))           \
+  X(12, (32, 8, true), (32, 8, 1))             \
+  X(13, (64, 16, true), (64, 16, 2))
+
+#define MMFM_UNPACK(...) __VA_ARGS__
+#define MMFM_LAUNCH_FWD_I(...) MMFM_LAUNCH_FWD(__VA_ARGS__)
+#define MMFM_LAUNCH_BWD_I(...) MMFM_LAUNCH_BWD(__VA_ARGS__)
+#define MMFM_CHUNK_OF(NT, NI, ...) ((NT) * (NI))
+#define MMFM_ROWS_OF(NT, NI, R) (R)
+#define MMFM_FWD_CASE(K, F, B)                                \
+  case K:                                                     \
+    if (MMFM_CHUNK_OF F != ch) return false;                  \
+    MMFM_LAUNCH_FWD_I(MMFM_UNPACK F);                         \
+    return true;
+#define MMFM_BWD_CASE(K, F, B)                                \
+  case K:                                                     \
+    if (MMFM_CHUNK_OF B != ch || p.group_size % MMFM_ROWS_OF B != 0) return false; \
+    MMFM_LAUNCH_BWD_I(MMFM_UNPACK B);                                             \
+    return true;
+
+template <typename T>
+bool launch_fwd(const Params& p, int ch, int variant, cudaStream_t stream) {
+  if (variant == 0) {
+    if (ch == 256) MMFM_LAUNCH_FWD(32, 8, false);
+    else if (ch == 512) MMFM_LAUNCH_FWD(64, 8, false);
+    else if (ch == 1024) MMFM_LAUNCH_FWD(128, 8, false);
+    else MMFM_LAUNCH_FWD(128, 16, false);
+    return true;
+  }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    switch (variant) { MMFM_VARIANTS(MMFM_FWD_CASE) }
+  }
+  return false;
+}
+
+template <typename T>
+bool launch_bwd(const Params& p, int ch, int variant, cudaStream_t stream) {
+  if (variant == 0) {
+    if (ch == 256) MMFM_LAUNCH_BWD(32, 8, 1);
+    else if (ch == 512) MMFM_LAUNCH_BWD(64, 8, 1);
+    else if (ch == 1024) MMFM_LAUNCH_BWD(128, 8, 1);
+    else MMFM_LAUNCH_BWD(256, 8, 1);
+    return true;
+  }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    switch (variant) { MMFM_VARIANTS(MMFM_BWD_CASE) }
+  }
+  return false;
+}
+
+#define MMFM_INSTANTIATE(T)                                           \
+  template bool launch_fwd<T>(const Params&, int, int, cudaStream_t); \
+  template bool launch_bwd<T>(const Params&, int, int, cudaStream_t);
+
+}  // namespace mmfm_selective_scan

@@ -1,0 +1,6 @@
+// Selective scan kernels for c10::Half inputs (one file per dtype so that they compile in parallel).
+#include "selective_scan.cuh"
+
+namespace mmfm_selective_scan {
+MMFM_INSTANTIATE(c10::Half)
+}  // namespace mmfm_selective_scan
