@@ -90,13 +90,17 @@ def get(name: str) -> ModuleType | None:
     return _import(name)
 
 
-def _import(name: str) -> ModuleType:
-    if _module_name(name) in sys.modules:  # an extension module is loaded once per process
-        return sys.modules[_module_name(name)]
-    lib = _built_library(name)
-    loader = importlib.machinery.ExtensionFileLoader(_module_name(name), str(lib))
-    spec = importlib.util.spec_from_file_location(_module_name(name), str(lib), loader=loader)
+def import_library(module_name: str, lib: Path) -> ModuleType:
+    """Import a compiled extension module from a .so path (once per process)."""
+    if module_name in sys.modules:  # an extension module is loaded once per process
+        return sys.modules[module_name]
+    loader = importlib.machinery.ExtensionFileLoader(module_name, str(lib))
+    spec = importlib.util.spec_from_file_location(module_name, str(lib), loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
-    sys.modules[_module_name(name)] = module
+    sys.modules[module_name] = module
     return module
+
+
+def _import(name: str) -> ModuleType:
+    return import_library(_module_name(name), _built_library(name))
