@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     s.add_argument("--samples-per-shard", type=int, default=256, help="samples per tar shard (default: 256)")
     s.add_argument("--image-size", type=int, default=None,
                    help="square image size in pixels (default: 224 for images/vqa, 1024 for regions)")
+    s.add_argument("--caption-style", choices=("global", "grounded"), default="global",
+                   help="kind images: 'global' ('a red circle and two blue squares on ...') or 'grounded' "
+                        "('top left: red circle; center: blue square; ...', each item with its grid cell)")
     s.set_defaults(func=_cmd_synth)
 
     i = sub.add_parser("inspect", help="count samples, keys and bad samples in shards",
@@ -47,7 +50,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from mmfm.data.synth import write_synthetic
 
     paths = write_synthetic(args.kind, args.n, args.out, seed=args.seed, samples_per_shard=args.samples_per_shard,
-                            image_size=args.image_size)
+                            image_size=args.image_size, caption_style=args.caption_style)
     print(f"wrote {args.n} {args.kind} samples in {len(paths)} shard(s) to {args.out}")
     for path in paths:
         print(f"  {path}")

@@ -393,6 +393,36 @@ def scene_caption(scene: Scene) -> str:
     return caption
 
 
+# Names of the 3x3 grid cells, indexed by (col, row).
+CELL_NAMES: dict[tuple[int, int], str] = {
+    (c, r): {(1, 1): "center"}.get((c, r), f"{('top', 'middle', 'bottom')[r]} {('left', 'center', 'right')[c]}")
+    for r in range(3) for c in range(3)
+}
+
+
+def grounded_caption(scene: Scene) -> str:
+    """Caption that names every item with its grid cell, in reading order (row by row), e.g.
+    'top left: red circle; center: blue star; bottom right: text cat; striped background'.
+
+    Unlike :func:`scene_caption` it says where each object is, so with one visual token per cell (a 96 px
+    image, 16 px patches, 2x2 compression) each phrase supervises one token: grounded-caption pre-training.
+    """
+    items: list[tuple[tuple[int, int], str]] = []
+    for s in scene.shapes:
+        if s.cell is None:
+            raise ValueError("grounded_caption needs a grid scene (kind 'images' or 'vqa'); shapes have no cell")
+        items.append((s.cell, f"{s.color} {s.kind}"))
+    for t in scene.texts:
+        if t.cell is None:
+            raise ValueError("grounded_caption needs a grid scene (kind 'images' or 'vqa'); texts have no cell")
+        items.append((t.cell, f"text {t.text.lower()}"))
+    items.sort(key=lambda it: (it[0][1], it[0][0]))
+    return "; ".join([f"{CELL_NAMES[cell]}: {what}" for cell, what in items] + [f"{scene.background} background"])
+
+
+CAPTION_STYLES: dict[str, Callable[[Scene], str]] = {"global": scene_caption, "grounded": grounded_caption}
+
+
 # --------------------------------------------------------------------------------------------------
 # images
 # --------------------------------------------------------------------------------------------------
@@ -648,9 +678,14 @@ def make_vqa_item(rng: np.random.Generator, category: str, size_px: int = 224) -
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
-def _check_args(kind: str, n: int, seed: int, image_size: int | None) -> int:
+def _check_args(kind: str, n: int, seed: int, image_size: int | None, caption_style: str = "global") -> int:
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not a synthetic kind; expected one of {KINDS}")
+    if caption_style not in CAPTION_STYLES:
+        raise ValueError(f"caption_style={caption_style!r} is not a caption style; expected one of "
+                         f"{tuple(CAPTION_STYLES)}")
+    if caption_style != "global" and kind != "images":
+        raise ValueError(f"caption_style={caption_style!r} applies to kind 'images' only, got kind {kind!r}")
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n={n!r} must be a non-negative int (number of samples)")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -685,14 +720,15 @@ def iter_vqa_items(n: int, seed: int = 0, image_size: int | None = None) -> Iter
     return (make_vqa_item(_rng("vqa", seed, i), VQA_CATEGORIES[i % len(VQA_CATEGORIES)], size) for i in range(n))
 
 
-def make_sample(kind: str, index: int, seed: int = 0, image_size: int | None = None):
+def make_sample(kind: str, index: int, seed: int = 0, image_size: int | None = None, caption_style: str = "global"):
     """Sample ``index`` of the ``kind`` stream for ``seed`` (what :func:`iter_synthetic` yields)."""
-    size = _check_args(kind, 1, seed, image_size)
+    size = _check_args(kind, 1, seed, image_size, caption_style)
     rng = _rng(kind, seed, index)
     key = f"{kind}-s{seed}-{index:08d}"
     if kind == "images":
         scene = _image_scene(rng, size)
-        return ImageSample(key=key, image=render_scene(scene), caption=scene_caption(scene), label=image_label(scene))
+        return ImageSample(key=key, image=render_scene(scene), caption=CAPTION_STYLES[caption_style](scene),
+                           label=image_label(scene))
     if kind == "regions":
         scene = _region_scene(rng, size)
         items: list[Shape | TextItem] = [*scene.shapes, *scene.texts]
@@ -707,24 +743,26 @@ def make_sample(kind: str, index: int, seed: int = 0, image_size: int | None = N
                               category=item.category, meta=meta)
 
 
-def iter_synthetic(kind: str, n: int, seed: int = 0, image_size: int | None = None) -> Iterator[Any]:
+def iter_synthetic(kind: str, n: int, seed: int = 0, image_size: int | None = None,
+                   caption_style: str = "global") -> Iterator[Any]:
     """Yield ``n`` synthetic samples of ``kind``: ``"images"`` -> ImageSample, ``"regions"`` ->
     RegionSample, ``"vqa"`` -> ConversationSample. Deterministic for ``seed``; ``image_size`` (pixels,
-    square) defaults to 224 for images/vqa and 1024 for regions."""
-    _check_args(kind, n, seed, image_size)  # eagerly: bad arguments fail at the call, not at first next()
-    return (make_sample(kind, i, seed, image_size) for i in range(n))
+    square) defaults to 224 for images/vqa and 1024 for regions. ``caption_style`` (images only):
+    ``"global"`` (:func:`scene_caption`) or ``"grounded"`` (:func:`grounded_caption`); the images are the same."""
+    _check_args(kind, n, seed, image_size, caption_style)  # eagerly: bad arguments fail at the call
+    return (make_sample(kind, i, seed, image_size, caption_style) for i in range(n))
 
 
 def write_synthetic(kind: str, n: int, out_dir: str | Path, seed: int = 0, samples_per_shard: int = 256,
-                    image_size: int | None = None) -> list[Path]:
+                    image_size: int | None = None, caption_style: str = "global") -> list[Path]:
     """Generate ``n`` samples of ``kind`` and write them as webdataset shards in ``out_dir``
     (through :func:`mmfm.data.shards.write_shards`); returns the shard paths."""
-    _check_args(kind, n, seed, image_size)
+    _check_args(kind, n, seed, image_size, caption_style)
     if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard!r} must be a positive int")
     from mmfm.data.shards import write_shards  # lazy: the shard layer is only needed to write
 
-    paths = write_shards(iter_synthetic(kind, n, seed=seed, image_size=image_size), out_dir,
+    paths = write_shards(iter_synthetic(kind, n, seed=seed, image_size=image_size, caption_style=caption_style), out_dir,
                          samples_per_shard=samples_per_shard)
     return [Path(p) for p in paths]
 

@@ -30,16 +30,17 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vlm" / "tiny-cpu-vqa
 CATEGORIES = ("color", "shape", "count", "position", "relation", "existence", "text")
 
 
-def make_data(out: Path, n_train: int, n_test: int, n_captions: int) -> dict[str, Path]:
+def make_data(out: Path, n_train: int, n_test: int, n_captions: int, caption_style: str = "global") -> dict[str, Path]:
     from mmfm.data.synth import write_synthetic
 
-    paths = {"train": out / "data" / "vqa", "test": out / "data" / "vqa-test", "captions": out / "data" / "captions"}
+    captions = "captions" if caption_style == "global" else f"captions-{caption_style}"
+    paths = {"train": out / "data" / "vqa", "test": out / "data" / "vqa-test", "captions": out / "data" / captions}
     if not paths["train"].is_dir():
         write_synthetic("vqa", n_train, paths["train"], seed=0)
     if not paths["test"].is_dir():
         write_synthetic("vqa", n_test, paths["test"], seed=1)
     if n_captions and not paths["captions"].is_dir():
-        write_synthetic("images", n_captions, paths["captions"], seed=2)
+        write_synthetic("images", n_captions, paths["captions"], seed=2, caption_style=caption_style)
     return paths
 
 
@@ -94,7 +95,7 @@ def run_one(name: str, overrides: list[str], paths: dict[str, Path], out: Path, 
         init_from = run_dir / "captions" / "model"
     train_shards = str(paths["train"])
     if args.mix_captions:  # one directory holding both shard sets (links to the VQA shards), shuffled together
-        mix = paths["train"].parent / "vqa-with-captions"
+        mix = paths["train"].parent / f"vqa-with-{paths['captions'].name}"
         caption_conversations(paths["captions"], mix)
         for shard in sorted(paths["train"].glob("*.tar")):
             link = mix / f"vqa-{shard.name}"
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mix-captions", action="store_true",
                    help="the VQA stage trains on the VQA samples and the caption conversations mixed")
     p.add_argument("--n-captions", type=int, default=8192, help="captioned images when --caption-steps > 0")
+    p.add_argument("--caption-style", choices=("global", "grounded"), default="global",
+                   help="captions of the caption stage: 'global' (what is in the image) or 'grounded' (each item "
+                        "with its grid cell: 'top left: red circle; ...', one phrase per visual token at 2x2)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     paths = make_data(args.out, args.n_train, args.n_test,
-                      args.n_captions if args.caption_steps or args.mix_captions else 0)
+                      args.n_captions if args.caption_steps or args.mix_captions else 0, args.caption_style)
     settings = [("2x2 pixel-unshuffle", "unshuffle2x2", ["model.compressor=pixel_unshuffle", "model.compress_factor=2"]),
                 ("no compression", "none", ["model.compressor=none"])]
     rows = [run_one(run_dir, ov, paths, args.out, args) | {"name": name} for name, run_dir, ov in settings

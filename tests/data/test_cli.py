@@ -29,7 +29,7 @@ def test_synth_help_lists_options(capsys):
         main(["data", "synth", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for opt in ("--kind", "--n", "--out", "--seed", "--samples-per-shard", "--image-size"):
+    for opt in ("--kind", "--n", "--out", "--seed", "--samples-per-shard", "--image-size", "--caption-style"):
         assert opt in out
 
 
@@ -49,6 +49,18 @@ def test_synth_then_inspect(tmp_path, capsys, kind, schema):
     summary = json.loads(capsys.readouterr().out)
     assert summary["shards"] == 3 and summary["raw_samples"] == 5 and summary["samples"] == 5
     assert summary["types"] == {schema: 5} and summary["skipped"] == {}
+
+
+def test_synth_grounded_captions(tmp_path):
+    from mmfm.data.schemas import ImageSample
+    from mmfm.data.synth import grounded_caption, sample_scene
+
+    assert main(["data", "synth", "--kind", "images", "--n", "3", "--out", str(tmp_path), "--seed", "4",
+                 "--image-size", "64", "--caption-style", "grounded"]) == 0
+    samples = [ImageSample.from_wds(s) for s in wds.WebDataset(sorted(map(str, tmp_path.glob("*.tar"))),
+                                                                 shardshuffle=False)]
+    assert [s.caption for s in samples] == [grounded_caption(sample_scene("images", i, seed=4, image_size=64))
+                                            for i in range(3)]
 
 
 def test_inspect_reports_bad_samples(tmp_path, capsys):

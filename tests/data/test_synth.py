@@ -192,10 +192,36 @@ def test_corpus_texts_cover_generated_text() -> None:
         assert w in vocab
 
 
+def test_grounded_captions_name_each_item_in_its_drawn_cell() -> None:
+    rows, cols = ("top", "middle", "bottom"), ("left", "center", "right")
+    for i in range(16):
+        sample = make_sample("images", i, seed=5, image_size=96, caption_style="grounded")
+        plain = make_sample("images", i, seed=5, image_size=96)
+        np.testing.assert_array_equal(np.asarray(sample.image), np.asarray(plain.image))  # same scene, new caption
+        scene = sample_scene("images", i, seed=5, image_size=96)
+        pixels = np.asarray(sample.image)
+        _assert_shapes_drawn(scene, pixels)
+        *phrases, background = sample.caption.split("; ")
+        assert background == f"{scene.background} background"
+        # the cell named for each shape is the one its drawn centre pixel lies in (32 px cells at 96 px)
+        expected = []
+        for s in scene.shapes:
+            col, row = int(s.cx // 32), int(s.cy // 32)
+            name = "center" if (col, row) == (1, 1) else f"{rows[row]} {cols[col]}"
+            expected.append(((row, col), f"{name}: {s.color} {s.kind}"))
+        for t in scene.texts:
+            col, row = int((t.box[0] + t.box[2]) / 2 // 32), int((t.box[1] + t.box[3]) / 2 // 32)
+            name = "center" if (col, row) == (1, 1) else f"{rows[row]} {cols[col]}"
+            expected.append(((row, col), f"{name}: text {t.text.lower()}"))
+        assert phrases == [phrase for _, phrase in sorted(expected)]  # reading order, one phrase per item
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"kind": "video", "n": 1}, "kind='video'"), ({"kind": "vqa", "n": -1}, "n=-1"),
-     ({"kind": "vqa", "n": 1, "image_size": 10}, "image_size=10"), ({"kind": "vqa", "n": 1, "seed": -2}, "seed=-2")],
+     ({"kind": "vqa", "n": 1, "image_size": 10}, "image_size=10"), ({"kind": "vqa", "n": 1, "seed": -2}, "seed=-2"),
+     ({"kind": "images", "n": 1, "caption_style": "dense"}, "caption_style='dense' is not a caption style"),
+     ({"kind": "vqa", "n": 1, "caption_style": "grounded"}, "applies to kind 'images' only")],
 )
 def test_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=re.escape(match)):
