@@ -7,6 +7,8 @@ import os
 
 import torch
 
+import mmfm  # noqa: F401  (first: from a checkout's root, `kernels/` must not shadow the PyPI `kernels`)
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
