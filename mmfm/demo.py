@@ -381,6 +381,10 @@ def run_demo(out: str | Path = "mmfm-demo", fast: bool = False, device: str = "c
     import os
 
     check_device(device)
+    names = [n for n, _ in STAGES]
+    unknown = [s for s in stages or [] if s not in names]
+    if unknown:
+        raise ValueError(f"--stages: unknown stage(s) {unknown}; expected a subset of {names}")
     # the trainers take their device from mmfm.distributed, which honours MMFM_DEVICE=cpu
     previous = os.environ.get("MMFM_DEVICE")
     os.environ["MMFM_DEVICE"] = device
@@ -400,6 +404,10 @@ def _run_stages(out, fast, device, seed, stages, recipes, overrides) -> dict[str
                       overrides={k: list(v) for k, v in (overrides or {}).items()})
     ctx.out.mkdir(parents=True, exist_ok=True)
     selected = [(name, fn) for name, fn in STAGES if stages is None or name in stages]
+    data_kinds = ("images", "regions", "vqa")  # what stage_data writes and the other stages read
+    if selected and selected[0][0] != "data" and not all((ctx.out / "data" / k).is_dir() for k in data_kinds):
+        log.info("stages %s need the synthetic data: running the data stage first", [n for n, _ in selected])
+        selected.insert(0, STAGES[0])
     for name, fn in tqdm(selected, desc="mmfm demo", unit="stage"):
         start = time.perf_counter()
         figures = fn(ctx)

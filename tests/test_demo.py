@@ -153,11 +153,22 @@ def test_stage_recipe_and_settings_replace_the_tiny_ones(tmp_path):
     assert len((out / "ps3" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_a_stage_subset_without_data_generates_the_data_first(tmp_path):
+    from mmfm.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", "--out", str(out), "--stages", "ps3", "--set", "ps3.steps=2",
+                 "--set", "ps3.ckpt_every=2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report) == ["data", "ps3"] and report["data"]["regions"]["samples"] > 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--recipe", "vision=x.yaml"], "expected STAGE=PATH"),
     (["--recipe", "ps3=/no/such.yaml"], "no such file"),
     (["--set", "ps3steps=3"], "expected STAGE.key=value"),
     (["--device", "tpu"], "expected cpu or cuda"),
+    (["--stages", "data", "vlmm"], "unknown stage(s) ['vlmm']"),
 ])
 def test_bad_demo_options_are_clear_errors(tmp_path, capsys, args, message):
     from mmfm.cli import main
