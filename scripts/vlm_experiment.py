@@ -75,6 +75,111 @@ def shuffled_image_eval(model, tokenizer, data: Path, image_size: int, limit: in
     return evaluate_predictions(records, "vqa_accuracy")
 
 
+@torch.no_grad()
+def caption_word_accuracy(model, tokenizer, caption_style: str, image_size: int, n: int = 200, seed: int = 3) -> dict:
+    """Teacher-forced accuracy of a caption-stage model on ``n`` held-out captioned images, per kind of word
+    (a word counts as right when every one of its tokens is the argmax): where an object is (``cell``: top /
+    middle / bottom / left / center / right), its ``color``, its ``shape``, the drawn ``text``. Tells which
+    part of the scene the model reads from the image."""
+    import re
+
+    from mmfm.data.synth import COLOR_NAMES, SHAPES, make_sample
+    from mmfm.vlm.conversation import caption_conversation, collate_train, encode_sample
+
+    cells = {"top", "middle", "bottom", "left", "center", "right"}
+    shapes = {w for kind in SHAPES for w in (kind, kind + "s", kind + "es")}  # global captions say "two squares"
+    right: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = [make_sample("images", i, seed=seed, caption_style=caption_style) for i in range(n)]
+    for b0 in range(0, n, 50):
+        chunk = samples[b0:b0 + 50]
+        enc = [encode_sample(caption_conversation(s), tokenizer, model.image_token_id, model.tokens_per_image,
+                             image_size) for s in chunk]
+        batch = collate_train(enc, tokenizer.pad_token_id)
+        logits = model(batch["input_ids"], batch["images"], attention_mask=batch["attention_mask"]).logits
+        hit = logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]
+        for row, sample in enumerate(chunk):
+            labelled = hit[row][batch["labels"][row, 1:] >= 0].tolist()  # the caption's tokens, then </s>
+            tok = tokenizer(sample.caption, return_offsets_mapping=True, add_special_tokens=False)
+            if len(labelled) != len(tok["input_ids"]) + 1:  # truncated: skip rather than misalign
+                continue
+            words = [(m.start(), m.end(), m.group()) for m in re.finditer(r"\w+", sample.caption)]
+            for w0, w1, word in words:
+                kind = ("cell" if word in cells and caption_style == "grounded" else "color" if word in COLOR_NAMES
+                        else "shape" if word in shapes else "text" if sample.caption[max(0, w0 - 5):w0] == "text "
+                        or sample.caption[max(0, w0 - 1):w0] == "'" else None)
+                if kind is None:
+                    continue
+                ok = all(labelled[t] for t, (t0, t1) in enumerate(tok["offset_mapping"]) if t0 < w1 and t1 > w0)
+                right[kind] = right.get(kind, 0) + int(ok)
+                total[kind] = total.get(kind, 0) + 1
+    return {k: right[k] / total[k] for k in sorted(total)} | {"words": total}
+
+
+def pretrain_encoder(cfg, out: Path, steps: int, n_images: int = 8192, seed: int = 2, batch: int = 64,
+                     lr: float = 3e-3) -> tuple[Path, dict[str, float]]:
+    """Supervised pre-training of the VLM's vision encoder on the captioned images' scene ground truth (not the
+    VQA data): the tokens of each 3x3 grid cell -> a linear head for the cell's shape (or empty) and colour
+    (or empty). A stand-in for the pre-trained encoder a real VLM starts from (no pre-trained teacher exists
+    for the synthetic world). Returns a VLM directory (random projector and LM, the pre-trained encoder) for
+    ``init_from``, and the encoder's per-cell shape / colour accuracy on the last 512 images, held out."""
+    import torch.nn.functional as F
+
+    from mmfm.data.synth import COLOR_NAMES, SHAPES, make_sample, sample_scene
+    from mmfm.radio.cpe import CroppedPositionEmbedding
+    from mmfm.vlm.build import build_vlm, save_vlm
+    from mmfm.vlm.conversation import image_to_tensor
+
+    size = cfg.model.image_size
+    vlm, tokenizer = build_vlm(cfg.model)
+    encoder = vlm.vision_encoder
+    grid = size // encoder.patch_size
+    if grid % 3:
+        raise ValueError(f"encoder pre-training needs whole grid cells: {size} px / {encoder.patch_size} px patches "
+                         f"= {grid} tokens per side, not a multiple of 3")
+    f = grid // 3
+    images = torch.stack([image_to_tensor(make_sample("images", i, seed=seed).image, size) for i in range(n_images)])
+    shape_y = torch.full((n_images, 9), len(SHAPES))
+    color_y = torch.full((n_images, 9), len(COLOR_NAMES))
+    for i in range(n_images):
+        for s in sample_scene("images", i, seed=seed).shapes:
+            shape_y[i, s.cell[1] * 3 + s.cell[0]] = SHAPES.index(s.kind)
+            color_y[i, s.cell[1] * 3 + s.cell[0]] = COLOR_NAMES.index(s.color)
+    head = torch.nn.Linear(f * f * encoder.embed_dim, len(SHAPES) + 1 + len(COLOR_NAMES) + 1)
+
+    def cell_logits(x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 9, classes)
+        h = encoder(x).features  # (B, grid * grid, D)
+        h = h.view(len(x), 3, f, 3, f, -1).permute(0, 1, 3, 2, 4, 5).reshape(len(x), 9, -1)
+        return head(h)
+
+    encoder.requires_grad_(True).train()
+    for m in encoder.modules():  # deterministic position embeddings, as the VLM trains them (VLM.train)
+        if isinstance(m, CroppedPositionEmbedding):
+            m.eval()
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    n_train = n_images - 512
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, n_train, (batch,), generator=gen)
+        logits = cell_logits(images[idx])
+        loss = (F.cross_entropy(logits[..., :len(SHAPES) + 1].flatten(0, 1), shape_y[idx].flatten())
+                + F.cross_entropy(logits[..., len(SHAPES) + 1:].flatten(0, 1), color_y[idx].flatten()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    encoder.eval()
+    with torch.no_grad():
+        logits = torch.cat([cell_logits(images[i:i + 256]) for i in range(n_train, n_images, 256)])
+    occupied = shape_y[n_train:] < len(SHAPES)
+    acc = {"shape": float((logits[..., :len(SHAPES) + 1].argmax(-1) == shape_y[n_train:])[occupied].float().mean()),
+           "color": float((logits[..., len(SHAPES) + 1:].argmax(-1) == color_y[n_train:])[occupied].float().mean())}
+    save_vlm(vlm, tokenizer, out)
+    return out, acc
+
+
 def run_one(name: str, overrides: list[str], paths: dict[str, Path], out: Path, args) -> dict[str, Any]:
     from mmfm.config import load_config
     from mmfm.vlm.build import load
@@ -84,15 +189,25 @@ def run_one(name: str, overrides: list[str], paths: dict[str, Path], out: Path, 
     run_dir = out / name
     common = [f"steps={args.steps}", f"ckpt_every={args.steps}", f"engine.optimizer.total_steps={args.steps}",
               f"eval_samples={args.n_test}", f"seed={args.seed}"] + overrides + list(args.set)
-    init_from = None
+    init_from, caption_words, encoder_acc = None, None, None
     t0 = time.perf_counter()
+    if args.pretrain_encoder_steps:
+        base = load_config(VLMTrainConfig, args.config, common)
+        init_from, encoder_acc = pretrain_encoder(base, run_dir / "encoder-pretrained", args.pretrain_encoder_steps)
+        print(f"{name}: encoder pre-training, held-out per-cell accuracy {encoder_acc}", flush=True)
     if args.caption_steps:
         cap = load_config(VLMTrainConfig, args.config, common + [
             f"train_shards={paths['captions']}", "data_kind=captions", "eval_shards=null",
             f"steps={args.caption_steps}", f"ckpt_every={args.caption_steps}",
             f"engine.optimizer.total_steps={args.caption_steps}"])
+        if init_from is not None:
+            cap.init_from = str(init_from)
         train(cap, run_dir / "captions", progress=not args.no_progress)
         init_from = run_dir / "captions" / "model"
+        cap_model, cap_tok = load(init_from)
+        cap_model.eval()
+        caption_words = caption_word_accuracy(cap_model, cap_tok, args.caption_style, cap.model.image_size)
+        print(f"{name}: caption stage, held-out word accuracy {caption_words}", flush=True)
     train_shards = str(paths["train"])
     if args.mix_captions:  # one directory holding both shard sets (links to the VQA shards), shuffled together
         mix = paths["train"].parent / f"vqa-with-{paths['captions'].name}"
@@ -120,6 +235,7 @@ def run_one(name: str, overrides: list[str], paths: dict[str, Path], out: Path, 
             "per_category": {k: v["score"] for k, v in ev["per_category"].items()},
             "shuffled_overall": blind["overall"],
             "shuffled_per_category": {k: v["score"] for k, v in blind["per_category"].items()},
+            "caption_word_accuracy": caption_words, "encoder_pretrain_accuracy": encoder_acc,
             "majority": ev["majority_baseline"]}
 
 
@@ -152,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caption-style", choices=("global", "grounded"), default="global",
                    help="captions of the caption stage: 'global' (what is in the image) or 'grounded' (each item "
                         "with its grid cell: 'top left: red circle; ...', one phrase per visual token at 2x2)")
+    p.add_argument("--pretrain-encoder-steps", type=int, default=0,
+                   help="first pre-train the vision encoder for this many steps on the captioned images' scene "
+                        "ground truth (per-cell shape and colour; 0: start from a random encoder)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
