@@ -131,6 +131,7 @@ def pretrain_encoder(cfg, out: Path, steps: int, n_images: int = 8192, seed: int
     from mmfm.vlm.conversation import image_to_tensor
 
     size = cfg.model.image_size
+    torch.manual_seed(cfg.seed)  # the random init, so that settings and reruns start from the same encoder
     vlm, tokenizer = build_vlm(cfg.model)
     encoder = vlm.vision_encoder
     grid = size // encoder.patch_size
