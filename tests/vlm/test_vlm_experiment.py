@@ -54,3 +54,32 @@ def test_caption_word_accuracy_counts_each_kind_of_word(style):
     plurals = {k + "es" if k.endswith(("s", "x")) else k + "s" for k in SHAPES}
     no_shapes = fn(OracleCaptioner(tok, set(SHAPES) | plurals), tok, style, 96, n=20)
     assert no_shapes["shape"] == 0.0 and all(no_shapes[k] == 1.0 for k in kinds - {"shape"})
+
+
+def test_pretrain_encoder_is_deterministic_and_saves_the_trained_encoder(tmp_path):
+    from mmfm.config import load_config
+    from mmfm.vlm.build import load
+    from mmfm.vlm.train import VLMTrainConfig
+
+    script = _script()
+    cfg = load_config(VLMTrainConfig, script.CONFIG, [])
+    a, acc = script.pretrain_encoder(cfg, tmp_path / "a", steps=3, n_images=520, batch=8)
+    b, _ = script.pretrain_encoder(cfg, tmp_path / "b", steps=3, n_images=520, batch=8)
+    assert set(acc) == {"shape", "color"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    enc_a, enc_b = (load(p)[0].vision_encoder.state_dict() for p in (a, b))
+    assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)
+    torch.manual_seed(cfg.seed)
+    from mmfm.vlm.build import build_vlm
+
+    untrained = build_vlm(cfg.model)[0].vision_encoder.state_dict()
+    assert any(not torch.equal(enc_a[k], untrained[k]) for k in enc_a)  # the saved encoder is the trained one
+
+
+def test_pretrain_encoder_needs_whole_grid_cells(tmp_path):
+    from mmfm.config import load_config
+    from mmfm.vlm.train import VLMTrainConfig
+
+    script = _script()
+    cfg = load_config(VLMTrainConfig, script.CONFIG, ["model.image_size=64"])  # 4 tokens per side
+    with pytest.raises(ValueError, match="not a multiple of 3"):
+        script.pretrain_encoder(cfg, tmp_path, steps=1, n_images=520)
