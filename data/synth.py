@@ -407,17 +407,13 @@ def grounded_caption(scene: Scene) -> str:
     Unlike :func:`scene_caption` it says where each object is, so with one visual token per cell (a 96 px
     image, 16 px patches, 2x2 compression) each phrase supervises one token: grounded-caption pre-training.
     """
-    items: list[tuple[tuple[int, int], str]] = []
-    for s in scene.shapes:
-        if s.cell is None:
-            raise ValueError("grounded_caption needs a grid scene (kind 'images' or 'vqa'); shapes have no cell")
-        items.append((s.cell, f"{s.color} {s.kind}"))
-    for t in scene.texts:
-        if t.cell is None:
-            raise ValueError("grounded_caption needs a grid scene (kind 'images' or 'vqa'); texts have no cell")
-        items.append((t.cell, f"text {t.text.lower()}"))
-    items.sort(key=lambda it: (it[0][1], it[0][0]))
-    return "; ".join([f"{CELL_NAMES[cell]}: {what}" for cell, what in items] + [f"{scene.background} background"])
+    items = [*scene.shapes, *scene.texts]
+    if any(it.cell is None for it in items):
+        raise ValueError("grounded_caption needs a grid scene (kind 'images' or 'vqa'); this one has no cells")
+    items.sort(key=lambda it: (it.cell[1], it.cell[0]))  # type: ignore[index]
+    phrases = [f"{CELL_NAMES[it.cell]}: " + (f"{it.color} {it.kind}" if isinstance(it, Shape) else f"text {it.text.lower()}")
+               for it in items]  # type: ignore[index]
+    return "; ".join(phrases + [f"{scene.background} background"])
 
 
 CAPTION_STYLES: dict[str, Callable[[Scene], str]] = {"global": scene_caption, "grounded": grounded_caption}

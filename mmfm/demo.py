@@ -57,12 +57,15 @@ class DemoContext:
         return load_config(cls, path, overrides + self.overrides.get(stage, []))
 
 
+DATA_KINDS = ("images", "regions", "vqa")  # what stage_data writes under OUT/data and the other stages read
+
+
 def stage_data(ctx: DemoContext) -> dict[str, Any]:
     """Generate synthetic shards for every job and read them back through the data layer."""
     from mmfm.data.shards import read_shards
     from mmfm.data.synth import write_synthetic
 
-    counts = {"images": ctx.size(64, 1024), "regions": ctx.size(16, 256), "vqa": ctx.size(64, 4096)}
+    counts = dict(zip(DATA_KINDS, (ctx.size(64, 1024), ctx.size(16, 256), ctx.size(64, 4096))))
     # images: the RADIO recipe's resolution (configs/radio/tiny-cpu.yaml: partitions up to 128 px)
     sizes = {"images": RADIO_IMAGE_SIZE, "regions": 512, "vqa": None}
     figures: dict[str, Any] = {}
@@ -404,8 +407,7 @@ def _run_stages(out, fast, device, seed, stages, recipes, overrides) -> dict[str
                       overrides={k: list(v) for k, v in (overrides or {}).items()})
     ctx.out.mkdir(parents=True, exist_ok=True)
     selected = [(name, fn) for name, fn in STAGES if stages is None or name in stages]
-    data_kinds = ("images", "regions", "vqa")  # what stage_data writes and the other stages read
-    if selected and selected[0][0] != "data" and not all((ctx.out / "data" / k).is_dir() for k in data_kinds):
+    if selected and selected[0][0] != "data" and not all((ctx.out / "data" / k).is_dir() for k in DATA_KINDS):
         log.info("stages %s need the synthetic data: running the data stage first", [n for n, _ in selected])
         selected.insert(0, STAGES[0])
     for name, fn in tqdm(selected, desc="mmfm demo", unit="stage"):

@@ -75,6 +75,21 @@ def shuffled_image_eval(model, tokenizer, data: Path, image_size: int, limit: in
     return evaluate_predictions(records, "vqa_accuracy")
 
 
+def _caption_word_kind(caption: str, start: int, word: str, caption_style: str) -> str | None:
+    """'cell' / 'color' / 'shape' / 'text' for the word at ``caption[start:]``, or None for any other word."""
+    from mmfm.data.synth import CELL_NAMES, COLOR_NAMES, SHAPES, _plural
+
+    if caption_style == "grounded" and word in {w for name in CELL_NAMES.values() for w in name.split()}:
+        return "cell"
+    if word in COLOR_NAMES:
+        return "color"
+    if word in SHAPES or word in {_plural(k) for k in SHAPES}:  # global captions say "two squares"
+        return "shape"
+    if caption[max(0, start - 5):start] == "text " or caption[max(0, start - 1):start] == "'":
+        return "text"  # grounded "text cat", global "the text 'cat'"
+    return None
+
+
 @torch.no_grad()
 def caption_word_accuracy(model, tokenizer, caption_style: str, image_size: int, n: int = 200, seed: int = 3) -> dict:
     """Teacher-forced accuracy of a caption-stage model on ``n`` held-out captioned images, per kind of word
@@ -83,11 +98,9 @@ def caption_word_accuracy(model, tokenizer, caption_style: str, image_size: int,
     part of the scene the model reads from the image."""
     import re
 
-    from mmfm.data.synth import COLOR_NAMES, SHAPES, make_sample
+    from mmfm.data.synth import make_sample
     from mmfm.vlm.conversation import caption_conversation, collate_train, encode_sample
 
-    cells = {"top", "middle", "bottom", "left", "center", "right"}
-    shapes = {w for kind in SHAPES for w in (kind, kind + "s", kind + "es")}  # global captions say "two squares"
     right: dict[str, int] = {}
     total: dict[str, int] = {}
     samples = [make_sample("images", i, seed=seed, caption_style=caption_style) for i in range(n)]
@@ -103,11 +116,9 @@ def caption_word_accuracy(model, tokenizer, caption_style: str, image_size: int,
             tok = tokenizer(sample.caption, return_offsets_mapping=True, add_special_tokens=False)
             if len(labelled) != len(tok["input_ids"]) + 1:  # truncated: skip rather than misalign
                 continue
-            words = [(m.start(), m.end(), m.group()) for m in re.finditer(r"\w+", sample.caption)]
-            for w0, w1, word in words:
-                kind = ("cell" if word in cells and caption_style == "grounded" else "color" if word in COLOR_NAMES
-                        else "shape" if word in shapes else "text" if sample.caption[max(0, w0 - 5):w0] == "text "
-                        or sample.caption[max(0, w0 - 1):w0] == "'" else None)
+            for m in re.finditer(r"\w+", sample.caption):
+                w0, w1 = m.span()
+                kind = _caption_word_kind(sample.caption, w0, m.group(), caption_style)
                 if kind is None:
                     continue
                 ok = all(labelled[t] for t, (t0, t1) in enumerate(tok["offset_mapping"]) if t0 < w1 and t1 > w0)
@@ -125,8 +136,7 @@ def pretrain_encoder(cfg, out: Path, steps: int, n_images: int = 8192, seed: int
     ``init_from``, and the encoder's per-cell shape / colour accuracy on the last 512 images, held out."""
     import torch.nn.functional as F
 
-    from mmfm.data.synth import COLOR_NAMES, SHAPES, make_sample, sample_scene
-    from mmfm.radio.cpe import CroppedPositionEmbedding
+    from mmfm.data.synth import COLOR_NAMES, SHAPES, render_scene, sample_scene
     from mmfm.vlm.build import build_vlm, save_vlm
     from mmfm.vlm.conversation import image_to_tensor
 
@@ -139,11 +149,12 @@ def pretrain_encoder(cfg, out: Path, steps: int, n_images: int = 8192, seed: int
         raise ValueError(f"encoder pre-training needs whole grid cells: {size} px / {encoder.patch_size} px patches "
                          f"= {grid} tokens per side, not a multiple of 3")
     f = grid // 3
-    images = torch.stack([image_to_tensor(make_sample("images", i, seed=seed).image, size) for i in range(n_images)])
+    scenes = [sample_scene("images", i, seed=seed) for i in range(n_images)]  # the images of make_sample
+    images = torch.stack([image_to_tensor(render_scene(scene), size) for scene in scenes])
     shape_y = torch.full((n_images, 9), len(SHAPES))
     color_y = torch.full((n_images, 9), len(COLOR_NAMES))
-    for i in range(n_images):
-        for s in sample_scene("images", i, seed=seed).shapes:
+    for i, scene in enumerate(scenes):
+        for s in scene.shapes:
             shape_y[i, s.cell[1] * 3 + s.cell[0]] = SHAPES.index(s.kind)
             color_y[i, s.cell[1] * 3 + s.cell[0]] = COLOR_NAMES.index(s.color)
     head = torch.nn.Linear(f * f * encoder.embed_dim, len(SHAPES) + 1 + len(COLOR_NAMES) + 1)
@@ -153,10 +164,9 @@ def pretrain_encoder(cfg, out: Path, steps: int, n_images: int = 8192, seed: int
         h = h.view(len(x), 3, f, 3, f, -1).permute(0, 1, 3, 2, 4, 5).reshape(len(x), 9, -1)
         return head(h)
 
-    encoder.requires_grad_(True).train()
-    for m in encoder.modules():  # deterministic position embeddings, as the VLM trains them (VLM.train)
-        if isinstance(m, CroppedPositionEmbedding):
-            m.eval()
+    encoder.requires_grad_(True)
+    vlm.freeze_vision = False
+    vlm.train()  # a trainable encoder, its position embeddings deterministic, as in VLM training
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
