@@ -95,6 +95,7 @@ __all__ = [
     "build_student",
     "build_teachers",
     "build_upsamplers",
+    "compile_repeated_blocks",
     "export",
     "plan_step",
     "stitch_tiles",
@@ -224,6 +225,9 @@ class RadioTrainConfig:
     keep_last: int = 2
     eval_resolutions: list[int] = field(default_factory=list)  # default: every partition resolution
     export: bool = True
+    # torch.compile the student's and teachers' repeated blocks (fuses norm / bias / activation / residual
+    # kernels on GPUs; costs compile time at each new resolution)
+    compile: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the field for inconsistent settings."""
@@ -288,8 +292,25 @@ def build_teachers(cfg: RadioTrainConfig, device: torch.device | str = "cpu") ->
         t.eval()
         for p in t.parameters():
             p.requires_grad_(False)
-        out[spec.name] = t.to(device)
+        t = t.to(device)
+        if cfg.engine.precision == "bf16" and torch.device(device).type == "cuda":
+            # frozen weights stored in bf16: autocast would otherwise re-cast every weight on every call
+            # (it caches casts only for trainable leaves); the mean/std buffers of the wrapper stay fp32
+            getattr(t, "model", t).to(torch.bfloat16)
+        out[spec.name] = t
     return out
+
+
+def compile_repeated_blocks(module: nn.Module) -> int:
+    """``torch.compile`` in place every block of each ``nn.ModuleList`` of >= 2 modules of one class (the
+    transformer blocks of timm, open_clip, transformers and mmfm models; lists inside a compiled block are
+    left to it); returns how many were compiled. Blocks of one class share one ``forward``, so one graph per
+    input shape serves them all; state-dict keys are unchanged (``nn.Module.compile``)."""
+    if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(b) for b in module}) == 1:
+        for block in module:
+            block.compile()
+        return len(module)
+    return sum(compile_repeated_blocks(child) for child in module.children())
 
 
 @dataclass
@@ -805,6 +826,9 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
     device = dist.device
     rank, world = get_rank(), get_world_size()
     teachers, infos, model, normalizers = setup(cfg, device)
+    if cfg.compile:
+        for m in [model, *teachers.values()]:
+            compile_repeated_blocks(m)
     seed_everything(cfg.seed, rank)
     max_batch = max(q.batch_size for q in cfg.partitions)
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=max_batch)

@@ -15,10 +15,15 @@ Points: student resolution 432 (clip + dino) and 1024 (clip + dino + sam).
 
 MFU = FLOPs of one step (torch.utils.flop_counter over teachers' forward + student forward and backward:
 matmuls, convolutions and attention) / step time / the GPU's dense bf16 peak (``--peak-tflops``, 989 for
-H100/H200 SXM). The "student-only MFU" counts the student's FLOPs alone (what RADIO papers quote is the
-total). Peak memory = ``torch.cuda.max_memory_allocated`` over the timed steps.
+H100/H200 SXM). A second, synchronised pass over the same number of steps splits the step into phases
+(teachers, targets = PHI-S + resize, student forward + backward, optimizer step); "teacher MFU" and "student
+MFU" are each part's FLOPs over its own phase time. Peak memory = ``torch.cuda.max_memory_allocated`` over
+the timed steps. ``--compile`` compiles the student's and teachers' blocks as ``compile: true`` does in a
+recipe; ``--deepspeed configs/deepspeed/zero2.json`` runs the Engine under DeepSpeed (one process here: ZeRO
+partitions over ranks, so one GPU shows its bf16-weights + fp32-master memory layout, not the savings).
 
     python scripts/bench_radio_train.py --device cuda --json out.json
+    python scripts/bench_radio_train.py --compile --points 432          # one point, compiled blocks
     python scripts/bench_radio_train.py --tiny                 # CPU smoke run with tiny models
 """
 
@@ -39,6 +44,7 @@ from mmfm.radio.distill import (
     StepPlan,
     StudentConfig,
     TargetMaker,
+    compile_repeated_blocks,
     setup,
 )
 from mmfm.radio.teachers import TeacherSpec
@@ -90,6 +96,9 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
     from mmfm.training import Engine
 
     teachers, infos, model, normalizers = setup(cfg, device)
+    if cfg.compile:  # as mmfm.radio.distill.train does
+        for m in [model, *teachers.values()]:
+            compile_repeated_blocks(m)
     if gradient_checkpointing:
         model.encoder.student.set_grad_checkpointing(True)
     part = cfg.partitions[partition]
@@ -135,12 +144,33 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
     sync(device)
     dt = (time.perf_counter() - t0) / iters
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"resolution": plan.resolution[0], "batch": part.batch_size,
+    phases = dict.fromkeys(("teachers", "targets", "student_fwd_bwd", "optimizer"), 0.0)
+    for _ in range(iters):  # the same steps again, synchronised between phases
+        x = images()
+        sync(device)
+        t = time.perf_counter()
+        raw = maker.teacher_outputs(plan, x)
+        t = _lap(device, phases, "teachers", t)
+        targets = maker.targets(plan, raw)
+        t = _lap(device, phases, "targets", t)
+        res = engine.forward(x, targets)
+        engine.backward(res["loss"])
+        t = _lap(device, phases, "student_fwd_bwd", t)
+        engine.step()
+        _lap(device, phases, "optimizer", t)
+    return {"phase_ms": {k: 1e3 * v / iters for k, v in phases.items()},"resolution": plan.resolution[0], "batch": part.batch_size,
             "teachers": _names(cfg, partition),
             "step_ms": 1e3 * dt, "img_per_s": part.batch_size / dt,
             "teacher_tflop_per_step": teacher_flops / 1e12, "student_tflop_per_step": student_flops / 1e12,
             "achieved_tflops": (teacher_flops + student_flops) / dt / 1e12, "peak_gib": peak,
             "student_params_m": sum(p.numel() for p in model.encoder.parameters()) / 1e6}
+
+
+def _lap(device: torch.device, phases: dict[str, float], name: str, t0: float) -> float:
+    sync(device)
+    t = time.perf_counter()
+    phases[name] += t - t0
+    return t
 
 
 def _names(cfg: RadioTrainConfig, partition: int) -> list[str]:
@@ -160,6 +190,10 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny models")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student's and teachers' blocks")
+    p.add_argument("--deepspeed", default=None, help="DeepSpeed config (e.g. configs/deepspeed/zero2.json)")
+    p.add_argument("--points", nargs="+", choices=("low", "high"), default=["low", "high"],
+                   help="which partitions to measure")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.tiny:
@@ -167,23 +201,31 @@ def main() -> int:
     device = torch.device(args.device)
     precision = "bf16" if device.type == "cuda" else "fp32"
     cfg = make_config(args.tiny, args.low, args.high, args.batch_low, args.batch_high, precision)
+    cfg.compile = args.compile
+    cfg.engine.deepspeed_config = args.deepspeed
     rows = []
-    for partition in (0, 1):
+    for partition, pname in enumerate(("low", "high")):
+        if pname not in args.points:
+            continue
         row = bench_point(cfg, partition, device, args.warmup, args.iters, args.grad_checkpointing)
         row["mfu"] = row["achieved_tflops"] / args.peak_tflops
-        row["student_only_mfu"] = row["student_tflop_per_step"] / (row["step_ms"] / 1e3) / args.peak_tflops
+        ph = row["phase_ms"]
+        row["teacher_mfu"] = row["teacher_tflop_per_step"] / (ph["teachers"] / 1e3) / args.peak_tflops
+        row["student_mfu"] = row["student_tflop_per_step"] / (ph["student_fwd_bwd"] / 1e3) / args.peak_tflops
         rows.append(row)
         print(f"res {row['resolution']:5d} batch {row['batch']:3d} teachers {','.join(row['teachers']):14s} "
               f"{row['img_per_s']:8.1f} img/s  step {row['step_ms']:8.1f} ms  "
               f"TFLOP/step teacher {row['teacher_tflop_per_step']:.2f} student {row['student_tflop_per_step']:.2f}  "
-              f"MFU {100 * row['mfu']:.1f}% (student-only {100 * row['student_only_mfu']:.1f}%)  "
-              f"peak {row['peak_gib']:.1f} GiB", flush=True)
+              f"MFU {100 * row['mfu']:.1f}%  peak {row['peak_gib']:.1f} GiB", flush=True)
+        print("    phases (ms, synchronised): " + "  ".join(f"{k} {v:.1f}" for k, v in ph.items())
+              + f"  | teacher MFU {100 * row['teacher_mfu']:.1f}%  student MFU {100 * row['student_mfu']:.1f}%",
+              flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "precision": precision, "peak_tflops": args.peak_tflops,
-            "grad_checkpointing": args.grad_checkpointing}
+            "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "deepspeed": args.deepspeed}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)

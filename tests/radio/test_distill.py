@@ -24,6 +24,7 @@ from mmfm.radio.distill import (
     TeacherInfo,
     build_batch,
     build_upsamplers,
+    compile_repeated_blocks,
     fit_normalizers_initial,
     plan_step,
     setup,
@@ -269,6 +270,38 @@ def test_resume_is_exact_in_process(shards, tmp_path):
         for key in r:
             if key != "img_per_s":
                 assert g[key] == pytest.approx(r[key], abs=1e-6, rel=0), (r["step"], key)
+
+
+def test_compile_repeated_blocks_compiles_each_block_once():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])  # inside a compiled block: skipped
+
+        def forward(self, x):
+            return self.layers[1](self.layers[0](x))
+
+    model = nn.Sequential(nn.ModuleList([Inner(), Inner(), Inner()]),
+                          nn.ModuleList([nn.Linear(4, 4), nn.ReLU()]))  # mixed classes: not a block list
+    keys = list(model.state_dict())
+    assert compile_repeated_blocks(model) == 3
+    assert all(b._compiled_call_impl is not None for b in model[0])
+    assert model[0][0].layers[0]._compiled_call_impl is None and model[1][0]._compiled_call_impl is None
+    assert list(model.state_dict()) == keys  # checkpoints and export see the same names
+
+
+def test_compile_option_trains_like_eager(shards, tmp_path):
+    # one resolution, no mosaic: every block compiles once (CPU inductor); losses agree with eager
+    kw = dict(partitions=[PartitionConfig("low", [32], 1.0, 4)], steps=2, ckpt_every=2,
+              teachers=[_vit("a", 24, 16, 32), _vit("b", 16, 8, 32, match_student_resolution=True)])
+    train(_cfg(shards, **kw), tmp_path / "eager", progress=False)
+    train(_cfg(shards, compile=True, **kw), tmp_path / "compiled", progress=False)
+    ref = read_jsonl(tmp_path / "eager" / "metrics.jsonl")
+    got = read_jsonl(tmp_path / "compiled" / "metrics.jsonl")
+    for r, g in zip(ref, got, strict=True):
+        for key in r:
+            if key.startswith("loss"):
+                assert g[key] == pytest.approx(r[key], rel=1e-4, abs=1e-5), (r["step"], key)
 
 
 def test_export_loads_with_same_adaptor_outputs(shards, tmp_path):
