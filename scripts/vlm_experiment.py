@@ -19,6 +19,7 @@ for ``--steps``, starting from that model (``--caption-steps 0``: VQA only).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -50,9 +51,14 @@ def caption_conversations(captions: Path, out: Path) -> Path:
     from mmfm.data.shards import read_shards, write_shards
     from mmfm.vlm.conversation import caption_conversation
 
-    if not any(out.glob("caption-*.tar")):
-        write_shards((caption_conversation(s) for s in read_shards(captions, schema="image")), out,
-                     samples_per_shard=256, prefix="caption")
+    out.mkdir(parents=True, exist_ok=True)
+    # settings run side by side (--only) share this directory: one writes, the others wait for its marker
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / ".captions-complete").exists():
+            write_shards((caption_conversation(s) for s in read_shards(captions, schema="image")), out,
+                         samples_per_shard=256, prefix="caption")
+            (out / ".captions-complete").touch()
     return out
 
 
