@@ -987,13 +987,20 @@ def _cuda_unsupported(u, delta, A, B, C, z) -> str | None:
     return None
 
 
-# benchmark variants of the CUDA kernels (bf16 only; MMFM_VARIANTS in csrc/selective_scan.cuh) -> chunk length
-VARIANT_CHUNK = {1: 2048, 2: 2048, 3: 1024, 4: 1024, 5: 1024, 6: 512, 7: 512, 8: 256, 9: 256, 10: 2048, 11: 1024, 12: 256, 13: 1024}
+# benchmark variants of the CUDA kernels (bf16 only; MMFM_VARIANTS in csrc/selective_scan.cuh)
+# -> (forward chunk length, backward chunk length)
+VARIANT_CHUNKS = {
+    1: (2048, 256), 2: (512, 256), 3: (256, 256), 4: (512, 512), 5: (512, 512), 6: (2048, 256), 7: (2048, 512)
+}
 
 
-def _cuda_chunk(seqlen: int) -> int:
-    """Steps per block pass: the whole sequence in one pass up to 2048 steps."""
-    return next(c for c in (256, 512, 1024, 2048) if seqlen <= c or c == 2048)
+def _cuda_chunks(seqlen: int) -> tuple[int, int]:
+    """(forward, backward) steps per block pass: the fastest on the H200 (bf16) by sequence length."""
+    if seqlen <= 256:
+        return 256, 256
+    # one 2048-step pass of 128 threads is the fastest forward near 2k; single-warp 512-step passes are
+    # faster at short and long L. The backward is fastest with 256-step passes throughout.
+    return (2048 if 1024 < seqlen <= 4096 else 512), 256
 
 
 class _SelectiveScanCuda(torch.autograd.Function):
@@ -1007,11 +1014,13 @@ class _SelectiveScanCuda(torch.autograd.Function):
         Df = D.float().contiguous() if D is not None else None
         bias = delta_bias.float().contiguous() if delta_bias is not None else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
-        chunk, variant = chunk
-        out, hlast, hsave = ext.fwd(u, delta, Af, Bg, Cg, Df, z, bias, h0, delta_softplus, needs_grad, chunk, variant)
+        (fwd_chunk, bwd_chunk), variant = chunk
+        out, hlast, hsave = ext.fwd(
+            u, delta, Af, Bg, Cg, Df, z, bias, h0, delta_softplus, needs_grad, fwd_chunk, bwd_chunk, variant
+        )
         if needs_grad:
             ctx.save_for_backward(u, delta, Af, Bg, Cg, Df, z, bias, h0, hsave)
-            ctx.softplus, ctx.chunk, ctx.b_shape, ctx.c_shape = delta_softplus, (chunk, variant), B.shape, C.shape
+            ctx.softplus, ctx.chunk, ctx.b_shape, ctx.c_shape = delta_softplus, (bwd_chunk, variant), B.shape, C.shape
             ctx.in_dtypes = _dtypes(A, B, C, D, delta_bias, initial_state)
         return out, hlast
 
@@ -1138,7 +1147,13 @@ def selective_scan(
     if chosen == "cuda":
         cfg = _config or {}
         variant = cfg.get("variant", 0)
-        chunk = (VARIANT_CHUNK[variant] if variant else cfg.get("chunk", _cuda_chunk(u.shape[-1])), variant)
+        if variant:
+            chunks = VARIANT_CHUNKS[variant]
+        elif "chunk" in cfg:
+            chunks = (cfg["chunk"], cfg["chunk"])
+        else:
+            chunks = cfg.get("chunks", _cuda_chunks(u.shape[-1]))
+        chunk = (chunks, variant)
         out, last = _SelectiveScanCuda.apply(
             u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk, torch.is_grad_enabled()
         )  # fmt: skip

@@ -92,7 +92,7 @@ def sync(device: torch.device) -> None:
 
 
 def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, warmup: int, iters: int,
-                gradient_checkpointing: bool) -> dict:
+                gradient_checkpointing: bool, profile: bool = False) -> dict:
     from mmfm.training import Engine
 
     teachers, infos, model, normalizers = setup(cfg, device)
@@ -158,12 +158,51 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         t = _lap(device, phases, "student_fwd_bwd", t)
         engine.step()
         _lap(device, phases, "optimizer", t)
-    return {"phase_ms": {k: 1e3 * v / iters for k, v in phases.items()},"resolution": plan.resolution[0], "batch": part.batch_size,
+    per_teacher = _per_teacher(maker, plan, images(), iters, device, profile) if profile else {}
+    return {"phase_ms": {k: 1e3 * v / iters for k, v in phases.items()}, "per_teacher": per_teacher,"resolution": plan.resolution[0], "batch": part.batch_size,
             "teachers": _names(cfg, partition),
             "step_ms": 1e3 * dt, "img_per_s": part.batch_size / dt,
             "teacher_tflop_per_step": teacher_flops / 1e12, "student_tflop_per_step": student_flops / 1e12,
             "achieved_tflops": (teacher_flops + student_flops) / dt / 1e12, "peak_gib": peak,
             "student_params_m": sum(p.numel() for p in model.encoder.parameters()) / 1e6}
+
+
+def _per_teacher(maker: TargetMaker, plan: StepPlan, x: torch.Tensor, iters: int, device: torch.device,
+                 profile: bool) -> dict[str, dict]:
+    """Each teacher alone on the step's images: ms, TFLOP and MFU-ready numbers; with ``profile`` the top GPU
+    kernels of each (torch.profiler), to see where a slow teacher's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from mmfm.radio.distill import resize, run_teacher, teacher_input_size, teachers_for
+
+    out = {}
+    for name in teachers_for(maker.cfg, plan):
+        spec, info = maker.specs[name], maker.infos[name]
+        xi = resize(x, teacher_input_size(spec, info, tuple(x.shape[-2:]), maker.patch))
+
+        def call(teacher=maker.teachers[name], xi=xi) -> None:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=maker.bf16):
+                run_teacher(teacher, xi)
+
+        call()
+        with FlopCounterMode(display=False) as fc:
+            call()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            call()
+        sync(device)
+        row = {"input": list(xi.shape[-2:]), "ms": 1e3 * (time.perf_counter() - t0) / iters,
+               "tflop": fc.get_total_flops() / 1e12}
+        if profile and device.type == "cuda":
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                call()
+                sync(device)
+            row["top_kernels"] = [(e.key[:90], round(e.device_time_total / 1e3, 2)) for e in sorted(
+                prof.key_averages(), key=lambda e: -e.device_time_total)[:8]]
+        out[name] = row
+    return out
 
 
 def _lap(device: torch.device, phases: dict[str, float], name: str, t0: float) -> float:
@@ -192,6 +231,7 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny models")
     p.add_argument("--compile", action="store_true", help="torch.compile the student's and teachers' blocks")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed config (e.g. configs/deepspeed/zero2.json)")
+    p.add_argument("--profile", action="store_true", help="time each teacher alone; top GPU kernels of each")
     p.add_argument("--points", nargs="+", choices=("low", "high"), default=["low", "high"],
                    help="which partitions to measure")
     p.add_argument("--json", default=None)
@@ -207,7 +247,7 @@ def main() -> int:
     for partition, pname in enumerate(("low", "high")):
         if pname not in args.points:
             continue
-        row = bench_point(cfg, partition, device, args.warmup, args.iters, args.grad_checkpointing)
+        row = bench_point(cfg, partition, device, args.warmup, args.iters, args.grad_checkpointing, args.profile)
         row["mfu"] = row["achieved_tflops"] / args.peak_tflops
         ph = row["phase_ms"]
         row["teacher_mfu"] = row["teacher_tflop_per_step"] / (ph["teachers"] / 1e3) / args.peak_tflops
@@ -220,6 +260,11 @@ def main() -> int:
         print("    phases (ms, synchronised): " + "  ".join(f"{k} {v:.1f}" for k, v in ph.items())
               + f"  | teacher MFU {100 * row['teacher_mfu']:.1f}%  student MFU {100 * row['student_mfu']:.1f}%",
               flush=True)
+        for tname, t in row["per_teacher"].items():
+            print(f"    teacher {tname} at {t['input']}: {t['ms']:.1f} ms, {t['tflop']:.2f} TFLOP, "
+                  f"MFU {100 * t['tflop'] / (t['ms'] / 1e3) / args.peak_tflops:.1f}%", flush=True)
+            for k, ms in t.get("top_kernels", []):
+                print(f"        {ms:8.2f} ms  {k}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),

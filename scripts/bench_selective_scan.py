@@ -271,10 +271,10 @@ def main() -> int:
                 except Exception as exc:  # e.g. out of registers/shared memory for a config
                     r = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
                 row["sweep"].append({"cfg": cfg, **r})
-            from mmfm.kernels.selective_scan import VARIANT_CHUNK
+            from mmfm.kernels.selective_scan import VARIANT_CHUNKS
 
             cuda_cfgs = [dict(chunk=c) for c in (256, 512, 1024, 2048)]
-            cuda_cfgs += [dict(variant=k) for k, c in VARIANT_CHUNK.items() if c < 2 * seqlen or c == 2048]
+            cuda_cfgs += [dict(variant=k) for k, cs in VARIANT_CHUNKS.items() if max(cs) < 2 * seqlen or seqlen > 1024]
             for cfg in cuda_cfgs if has_cuda and args.sweep in ("all", "cuda") else ():
                 r = measure(mmfm_fn(cfg, "cuda"), x, dout)
                 r["err_vs_default"] = max_rel_err(mmfm_fn(cfg, "cuda")(**x), out)

@@ -8,8 +8,8 @@
 namespace mmfm_selective_scan {
 namespace {
 
-// `chunk` is the number of steps per block pass (256, 512, 1024 or 2048, chosen in Python); the forward
-// and the backward must use the same one, as the forward saves one state per chunk for the backward.
+// A chunk is the number of steps per block pass (256, 512, 1024 or 2048, chosen in Python). The forward
+// saves the state at every multiple of the backward's chunk (`save_chunk`); its own chunk may differ.
 void check_chunk(int chunk) {
   TORCH_CHECK(chunk == 256 || chunk == 512 || chunk == 1024 || chunk == 2048,
               "chunk must be 256, 512, 1024 or 2048, got ", chunk);
@@ -32,8 +32,8 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() 
 Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                    const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& h0,
-                   bool softplus, int chunk) {
-  check_chunk(chunk);
+                   bool softplus, int save_chunk) {
+  check_chunk(save_chunk);
   const int64_t batch = u.size(0), dim = u.size(1), seqlen = u.size(2), dstate = A.size(1);
   check_row(u, "u", batch, dim, seqlen);
   check_row(delta, "delta", batch, dim, seqlen);
@@ -55,7 +55,8 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   p.dstate = dstate;
   p.seqlen = seqlen;
   p.group_size = dim / B.size(1);
-  p.n_chunks = (seqlen + chunk - 1) / chunk;
+  p.save_chunk = save_chunk;
+  p.n_saved = (seqlen + save_chunk - 1) / save_chunk;
   p.softplus = softplus;
   p.u = u.data_ptr();
   p.delta = delta.data_ptr();
@@ -87,17 +88,20 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   }()
 
 // Returns out (batch, D, L) in u's dtype, the last state (batch, D, N) fp32 and, when save_states, the
-// state at the end of every chunk (batch, D, n_chunks, N) fp32 for the backward.
+// state after every save_chunk steps (batch, D, ceil(L / save_chunk), N) fp32 for the backward (the
+// last slot is not written: the backward never reads it).
 std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                             const at::Tensor& C, const c10::optional<at::Tensor>& D,
                             const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
-                            const c10::optional<at::Tensor>& h0, bool softplus, bool save_states, int64_t chunk, int64_t variant) {
+                            const c10::optional<at::Tensor>& h0, bool softplus, bool save_states, int64_t chunk, int64_t save_chunk,
+                            int64_t variant) {
   const c10::cuda::CUDAGuard guard(u.device());
-  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, softplus, int(chunk));
+  check_chunk(int(chunk));
+  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, softplus, int(save_chunk));
   auto out = at::empty_like(u, at::MemoryFormat::Contiguous);
   auto f32 = u.options().dtype(at::kFloat);
   auto hlast = at::empty({p.batch, p.dim, p.dstate}, f32);
-  auto hsave = save_states ? at::empty({p.batch, p.dim, p.n_chunks, p.dstate}, f32) : at::empty({0}, f32);
+  auto hsave = save_states ? at::empty({p.batch, p.dim, p.n_saved, p.dstate}, f32) : at::empty({0}, f32);
   p.out = out.data_ptr();
   p.out_sb = out.stride(0), p.out_sd = out.stride(1);
   p.hlast = hlast.data_ptr<float>();
@@ -124,7 +128,8 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
               "the backward needs contiguous u, delta, z and dout");
   Params p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, softplus, int(chunk));
   TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(), "dout must match u");
-  TORCH_CHECK(hsave.numel() == int64_t(p.batch) * p.dim * p.n_chunks * p.dstate, "hsave does not match");
+  TORCH_CHECK(hsave.numel() == int64_t(p.batch) * p.dim * p.n_saved * p.dstate,
+              "hsave does not match the backward's chunk length");
   auto f32 = u.options().dtype(at::kFloat);
   auto du = at::empty_like(u), ddelta = at::empty_like(u);
   auto dz = z.has_value() ? at::empty_like(u) : at::empty({0}, u.options());

@@ -118,8 +118,9 @@ __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-
 
 // PQ: each thread keeps its steps' inclusive prefix maps (P[i], Q[i]) from the fold, so that after the
 // scan h[i] = P[i] h_in + Q[i] are independent FMAs instead of a second dependent chain of NI steps.
-template <int NT, int NI, bool PQ, typename T>
-__global__ void __launch_bounds__(NT) selective_scan_fwd_kernel(Params p) {
+// MINB > 0 asks the compiler for at least MINB resident blocks per SM (a register cap).
+template <int NT, int NI, bool PQ, int MINB, typename T>
+__global__ void __launch_bounds__(NT, MINB) selective_scan_fwd_kernel(Params p) {
   constexpr int CHUNK = NT * NI;
   __shared__ Pair warp_tot[2][NT / 32];
   __shared__ float h_run[2][kMaxState];
@@ -136,9 +137,15 @@ __global__ void __launch_bounds__(NT) selective_scan_fwd_kernel(Params p) {
   for (int n = tid; n < N; n += NT) h_run[0][n] = p.h0 ? p.h0[row_state + n] : 0.f;
   __syncthreads();
   int scans = 0;
-  for (int c = 0; c < p.n_chunks; ++c) {
+  const int n_chunks = (p.seqlen + CHUNK - 1) / CHUNK;
+  for (int c = 0; c < n_chunks; ++c) {
     const int t0 = c * CHUNK + tid * NI;
     const int valid = min(NI, p.seqlen - t0);
+    // the backward's chunk length (save_chunk) need not be this kernel's: whichever thread ends on a
+    // multiple of it saves the state there
+    const int t_end = t0 + NI;
+    const bool saves = p.hsave && t_end % p.save_chunk == 0 && t_end < p.seqlen;
+    float* hsave = saves ? p.hsave + row_state * p.n_saved + int64_t(t_end / p.save_chunk - 1) * N : nullptr;
     float uv[NI], dt[NI], acc[NI];
     load_items<T, NI>(u + t0, valid, uv);
     load_items<T, NI>(delta + t0, valid, dt);
@@ -152,6 +159,7 @@ __global__ void __launch_bounds__(NT) selective_scan_fwd_kernel(Params p) {
     float Bv[NI], Cv[NI];
     load_items<T, NI>(Bp + t0, valid, Bv);
     for (int n = 0; n < N; ++n) {
+      load_items<T, NI>(Cp + n * p.C_sn + t0, valid, Cv);  // needed after the scan: issued first
       const float A2 = A[n] * kLog2e;
       float a[NI], bb[NI];  // PQ: the inclusive prefix maps P, Q of this thread's steps
       Pair agg = {1.f, 0.f};
@@ -163,7 +171,6 @@ __global__ void __launch_bounds__(NT) selective_scan_fwd_kernel(Params p) {
         a[i] = PQ ? agg.a : ai;
         bb[i] = PQ ? agg.b : bi;
       }
-      load_items<T, NI>(Cp + n * p.C_sn + t0, valid, Cv);
       if (n + 1 < N) load_items<T, NI>(Bp + (n + 1) * p.B_sn + t0, valid, Bv);  // next state's B, early
       const Pair ex = block_exclusive_scan<NT, false>(agg, warp_tot[scans++ & 1]);
       const float h_in = h_run[c & 1][n];
@@ -174,10 +181,10 @@ __global__ void __launch_bounds__(NT) selective_scan_fwd_kernel(Params p) {
         h = PQ ? fmaf(a[i], h0, bb[i]) : fmaf(a[i], h, bb[i]);
         acc[i] = fmaf(Cv[i], h, acc[i]);
       }
+      if (saves) hsave[n] = h;
       if (tid == NT - 1) {  // the last thread's state is the chunk's end state
         h_run[(c + 1) & 1][n] = h;
-        if (p.hsave) p.hsave[(row_state * p.n_chunks) + int64_t(c) * N + n] = h;
-        if (c == p.n_chunks - 1) p.hlast[row_state + n] = h;
+        if (c == n_chunks - 1) p.hlast[row_state + n] = h;
       }
     }
     if (p.z) {
@@ -206,8 +213,8 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 
 // R rows (channels of one group) per block: their B/C gradients are summed in shared memory before
 // the global atomics, R times fewer of them (the host uses R > 1 only when R divides the group size).
-template <int NT, int NI, int R, typename T>
-__global__ void __launch_bounds__(NT * R) selective_scan_bwd_kernel(Params p) {
+template <int NT, int NI, int R, int MINB, typename T>
+__global__ void __launch_bounds__(NT * R, MINB) selective_scan_bwd_kernel(Params p) {
   constexpr int CHUNK = NT * NI;
   constexpr int PAD = NI + 1;  // conflict-free transposes through `exch`
   static_assert(NI % R == 0, "each thread sums NI / R steps of the rows' B/C gradients");
@@ -237,34 +244,40 @@ __global__ void __launch_bounds__(NT * R) selective_scan_bwd_kernel(Params p) {
   const float Dskip = p.D ? p.D[d] : 0.f;
   const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
   const int64_t row_state = (int64_t(b) * p.dim + d) * N;
+  const int n_chunks = (p.seqlen + CHUNK - 1) / CHUNK;  // == p.n_saved: the forward saved at this chunk
   for (int n = tid; n < N; n += NT) {
-    q_run[(p.n_chunks - 1) & 1][n] = p.dhlast ? p.dhlast[row_state + n] : 0.f;
+    q_run[(n_chunks - 1) & 1][n] = p.dhlast ? p.dhlast[row_state + n] : 0.f;
     dA_acc[n] = 0.f;
   }
   __syncthreads();
   float dD_part = 0.f, dbias_part = 0.f;
   int scans = 0;
-  for (int c = p.n_chunks - 1; c >= 0; --c) {
+  for (int c = n_chunks - 1; c >= 0; --c) {
     const int t0 = c * CHUNK + tid * NI;
     const int valid = min(NI, p.seqlen - t0);
-    float uv[NI], dt[NI], dy[NI], zv[NI], y[NI], du[NI], ddt[NI];
+    // z and the softplus derivative are reloaded after the state loop instead of held across it:
+    // registers, not bandwidth, limit how many blocks run at once
+    const T* zrow = p.z ? static_cast<const T*>(p.z) + b * p.z_sb + d * p.z_sd + t0 : nullptr;
+    float uv[NI], dt[NI], dy[NI], y[NI], du[NI], ddt[NI];
     load_items<T, NI>(u + t0, valid, uv);
     load_items<T, NI>(delta + t0, valid, dt);
     load_items<T, NI>(dout + t0, valid, dy);
-    if (p.z) load_items<T, NI>(static_cast<const T*>(p.z) + b * p.z_sb + d * p.z_sd + t0, valid, zv);
-    float dsp[NI];  // d softplus / d (delta + bias)
+    if (p.z) {
+      float zv[NI];
+      load_items<T, NI>(zrow, valid, zv);
+#pragma unroll
+      for (int i = 0; i < NI; ++i) dy[i] *= zv[i] * sigmoid(zv[i]);  // dL/dy, y before the gate
+    }
 #pragma unroll
     for (int i = 0; i < NI; ++i) {
       const float x = dt[i] + bias;
-      dsp[i] = p.softplus ? sigmoid(x) : 1.f;
       dt[i] = i < valid ? (p.softplus ? softplus(x) : x) : 0.f;
-      if (p.z) dy[i] *= zv[i] * sigmoid(zv[i]);  // dL/dy, y before the gate
       y[i] = Dskip * uv[i];
       du[i] = Dskip * dy[i];
       ddt[i] = 0.f;
       dD_part = fmaf(dy[i], uv[i], dD_part);
     }
-    const float* h_start = c == 0 ? p.h0 : p.hsave + row_state * p.n_chunks + int64_t(c - 1) * N;
+    const float* h_start = c == 0 ? p.h0 : p.hsave + row_state * p.n_saved + int64_t(c - 1) * N;
     float Bv[NI], Cv[NI];
     load_items<T, NI>(Bp + t0, valid, Bv);
     load_items<T, NI>(Cp + t0, valid, Cv);
@@ -333,20 +346,22 @@ __global__ void __launch_bounds__(NT * R) selective_scan_bwd_kernel(Params p) {
         }
       }
     }
-    float dd[NI];
     if (p.z) {
-      float dzv[NI];
+      float zv[NI], go[NI];
+      load_items<T, NI>(zrow, valid, zv);
+      load_items<T, NI>(dout + t0, valid, go);
 #pragma unroll
       for (int i = 0; i < NI; ++i) {
         const float s = sigmoid(zv[i]);
-        const float go = i < valid ? to_float(dout[t0 + i]) : 0.f;
-        dzv[i] = go * y[i] * s * (1.f + zv[i] * (1.f - s));
+        zv[i] = go[i] * y[i] * s * (1.f + zv[i] * (1.f - s));  // dz
       }
-      store_items<T, NI>(static_cast<T*>(p.dz) + u_off + t0, valid, dzv);
+      store_items<T, NI>(static_cast<T*>(p.dz) + u_off + t0, valid, zv);
     }
+    float dd[NI];  // dL/d delta = dL/d dt * d softplus / d (delta + bias)
+    load_items<T, NI>(delta + t0, valid, dd);
 #pragma unroll
     for (int i = 0; i < NI; ++i) {
-      dd[i] = i < valid ? ddt[i] * dsp[i] : 0.f;
+      dd[i] = i < valid ? ddt[i] * (p.softplus ? sigmoid(dd[i] + bias) : 1.f) : 0.f;
       dbias_part += dd[i];
     }
     store_items<T, NI>(static_cast<T*>(p.du) + u_off + t0, valid, du);
@@ -364,34 +379,28 @@ __global__ void __launch_bounds__(NT * R) selective_scan_bwd_kernel(Params p) {
 
 // Launch configurations: NT threads x NI steps per block pass (chunk = NT * NI). The forward and the
 // backward of one call use the same chunk length, not necessarily the same NT / NI.
-#define MMFM_LAUNCH_FWD(NT, NI, PQ) \
-  selective_scan_fwd_kernel<NT, NI, PQ, T><<<dim3(p.dim, p.batch), NT, 0, stream>>>(p)
-#define MMFM_LAUNCH_BWD(NT, NI, R) \
-  selective_scan_bwd_kernel<NT, NI, R, T><<<dim3(p.dim / (R), p.batch), (NT) * (R), 0, stream>>>(p)
+#define MMFM_LAUNCH_FWD(NT, NI, PQ, MINB) \
+  selective_scan_fwd_kernel<NT, NI, PQ, MINB, T><<<dim3(p.dim, p.batch), NT, 0, stream>>>(p)
+#define MMFM_LAUNCH_BWD(NT, NI, R, MINB) \
+  selective_scan_bwd_kernel<NT, NI, R, MINB, T><<<dim3(p.dim / (R), p.batch), (NT) * (R), 0, stream>>>(p)
 
 // Alternative configurations, bf16 only, for benchmark sweeps (`variant` > 0; VARIANT_CHUNK in
 // kernels/selective_scan.py): (NT, NI) of the forward and of the backward, same chunk length.
 // Backward variants with R = 2 rows per block run only when 2 divides the group size.
-#define MMFM_VARIANTS(X)                       \
-  X(1, (128, 16, false), (128, 16, 1))         \
-  X(2, (256, 8, false), (128, 16, 2))          \
-  X(3, (128, 8, false), (128, 8, 1))           \
-  X(4, (128, 8, false), (64, 16, 1))           \
-  X(5, (64, 16, false), (64, 16, 2))           \
-  X(6, (64, 8, false), (32, 16, 1))            \
-  X(7, (32, 16, false), (32, 16, 2))           \
-  X(8, (64, 4, false), (64, 4, 1))             \
-  X(9, (32, 8, false), (32, 8, 2))             \
-  X(10, (128, 16, true), (256, 8, 1))          \
-  X(11, (128, 8, true), (64, 16, 1))           \
-  X(12, (32, 8, true), (32, 8, 1))             \
-  X(13, (64, 16, true), (64, 16, 2))
+#define MMFM_VARIANTS(X)                          \
+  X(1, (128, 16, true, 5), (32, 8, 4, 5))         \
+  X(2, (32, 16, true, 20), (32, 8, 4, 6))         \
+  X(3, (64, 4, true, 16), (32, 8, 8, 2))          \
+  X(4, (64, 8, true, 12), (32, 16, 4, 4))         \
+  X(5, (32, 16, false, 16), (64, 8, 4, 2))        \
+  X(6, (128, 16, true, 4), (32, 8, 4, 3))         \
+  X(7, (128, 16, true, 4), (64, 8, 4, 2))
 
 #define MMFM_UNPACK(...) __VA_ARGS__
 #define MMFM_LAUNCH_FWD_I(...) MMFM_LAUNCH_FWD(__VA_ARGS__)
 #define MMFM_LAUNCH_BWD_I(...) MMFM_LAUNCH_BWD(__VA_ARGS__)
 #define MMFM_CHUNK_OF(NT, NI, ...) ((NT) * (NI))
-#define MMFM_ROWS_OF(NT, NI, R) (R)
+#define MMFM_ROWS_OF(NT, NI, R, MINB) (R)
 #define MMFM_FWD_CASE(K, F, B)                                \
   case K:                                                     \
     if (MMFM_CHUNK_OF F != ch) return false;                  \
@@ -403,13 +412,21 @@ __global__ void __launch_bounds__(NT * R) selective_scan_bwd_kernel(Params p) {
     MMFM_LAUNCH_BWD_I(MMFM_UNPACK B);                                             \
     return true;
 
+// Defaults (H200, bf16 sweeps of scripts/bench_selective_scan.py): registers limit how many blocks
+// run at once, so the kernels are capped at 128 registers (MINB); the backward sums the B/C gradients
+// of 4 channels per block when the group size allows.
+#define MMFM_LAUNCH_BWD_ROWS(NT, NI, MINB4)                                       \
+  if (p.group_size % 4 == 0) MMFM_LAUNCH_BWD(NT, NI, 4, MINB4);                 \
+  else if (p.group_size % 2 == 0) MMFM_LAUNCH_BWD(NT, NI, 2, 2 * (MINB4));      \
+  else MMFM_LAUNCH_BWD(NT, NI, 1, 4 * (MINB4))
+
 template <typename T>
 bool launch_fwd(const Params& p, int ch, int variant, cudaStream_t stream) {
   if (variant == 0) {
-    if (ch == 256) MMFM_LAUNCH_FWD(32, 8, false);
-    else if (ch == 512) MMFM_LAUNCH_FWD(64, 8, false);
-    else if (ch == 1024) MMFM_LAUNCH_FWD(128, 8, false);
-    else MMFM_LAUNCH_FWD(128, 16, false);
+    if (ch == 256) MMFM_LAUNCH_FWD(64, 4, true, 0);
+    else if (ch == 512) MMFM_LAUNCH_FWD(32, 16, true, 16);
+    else if (ch == 1024) MMFM_LAUNCH_FWD(64, 16, true, 8);
+    else MMFM_LAUNCH_FWD(128, 16, true, 4);
     return true;
   }
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -421,10 +438,15 @@ bool launch_fwd(const Params& p, int ch, int variant, cudaStream_t stream) {
 template <typename T>
 bool launch_bwd(const Params& p, int ch, int variant, cudaStream_t stream) {
   if (variant == 0) {
-    if (ch == 256) MMFM_LAUNCH_BWD(32, 8, 1);
-    else if (ch == 512) MMFM_LAUNCH_BWD(64, 8, 1);
-    else if (ch == 1024) MMFM_LAUNCH_BWD(128, 8, 1);
-    else MMFM_LAUNCH_BWD(256, 8, 1);
+    if (ch == 256) {
+      MMFM_LAUNCH_BWD_ROWS(32, 8, 4);
+    } else if (ch == 512) {
+      MMFM_LAUNCH_BWD(64, 8, 1, 0);
+    } else if (ch == 1024) {
+      MMFM_LAUNCH_BWD(128, 8, 1, 0);
+    } else {
+      MMFM_LAUNCH_BWD(256, 8, 1, 0);
+    }
     return true;
   }
   if constexpr (std::is_same_v<T, c10::BFloat16>) {

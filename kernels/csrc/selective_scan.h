@@ -10,7 +10,8 @@ namespace mmfm_selective_scan {
 constexpr int kMaxState = 256;
 
 struct Params {
-  int batch, dim, dstate, seqlen, group_size, n_chunks;
+  int batch, dim, dstate, seqlen, group_size;
+  int save_chunk, n_saved;  // states saved for the backward: at every multiple of save_chunk steps
   bool softplus;
   const void *u, *delta, *z, *B, *C, *dout;
   const float *A, *D, *delta_bias, *h0, *dhlast;
@@ -20,8 +21,8 @@ struct Params {
   int64_t B_sb, B_sg, B_sn, C_sb, C_sg, C_sn;  // dB / dC are contiguous (batch, G, N, L)
 };
 
-// Launch the forward / backward for dtype T with `chunk` steps per block pass (256, 512, 1024 or 2048);
-// `variant` 0 is the default configuration for the chunk, others are benchmark alternatives (bf16
+// Launch the forward / backward for dtype T with `chunk` steps per block pass (256, 512, 1024 or 2048;
+// the backward's is p.save_chunk, the forward's may differ); `variant` 0 is the default configuration for the chunk, others are benchmark alternatives (bf16
 // only). Returns false for a variant that does not exist for T or has another chunk length.
 template <typename T>
 bool launch_fwd(const Params& p, int chunk, int variant, cudaStream_t stream);

@@ -409,13 +409,27 @@ class TestCUDA:
         x = make_inputs(2, 64, 3000, 16, dtype=torch.float32, device="cuda")
         assert_matches(x, dict(atol=1e-3, rtol=1e-3), config=dict(chunk=chunk), backend="cuda")
 
+    @pytest.mark.parametrize("chunks", [(2048, 256), (256, 2048), (512, 1024), (1024, 512)])
+    def test_forward_and_backward_chunks_differ(self, chunks):
+        # the forward saves states at the backward's chunk boundaries, finer or coarser than its own
+        x = make_inputs(2, 64, 5000, 16, has_z=True, dtype=torch.float32, device="cuda")
+        assert_matches(x, dict(atol=1e-3, rtol=1e-3), softplus=True, config=dict(chunks=chunks), backend="cuda")
+
+    @pytest.mark.parametrize("dim, groups", [(24, 4), (24, 8), (24, 24)])
+    def test_group_sizes_not_divisible_by_four(self, dim, groups):
+        # group sizes 6, 3 and 1: the backward sums B/C gradients of 2 or 1 channels per block, not 4
+        x = make_inputs(
+            2, dim, 700, 16, b_layout="group", c_layout="group", groups=groups, dtype=torch.float32, device="cuda"
+        )
+        assert_matches(x, dict(atol=1e-3, rtol=1e-3), backend="cuda")
+
     def test_non_contiguous_and_auto_picks_cuda(self, monkeypatch):
         x = make_inputs(2, 64, 100, 16, device="cuda")
         x["u"] = x["u"].transpose(1, 2).contiguous().transpose(1, 2)  # stride 1 along D, not L
         x["B"] = x["B"].transpose(1, 2).contiguous().transpose(1, 2)
         monkeypatch.delenv("MMFM_KERNEL_BACKEND", raising=False)
-        chunk_for, called = ss._cuda_chunk, []
-        monkeypatch.setattr(ss, "_cuda_chunk", lambda n: called.append(n) or chunk_for(n))  # on the CUDA path only
+        chunk_for, called = ss._cuda_chunks, []
+        monkeypatch.setattr(ss, "_cuda_chunks", lambda n: called.append(n) or chunk_for(n))  # on the CUDA path only
         assert_matches(x, dict(atol=1e-3, rtol=1e-3), backend="auto")
         assert called == [100]
 
