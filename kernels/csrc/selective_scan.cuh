@@ -198,12 +198,14 @@ __global__ void __launch_bounds__(NT, MINB) selective_scan_fwd_kernel(Params p) 
   }
 }
 
+// Sum over the NT threads of one row; `red` holds NT / 32 floats per row, indexed by the warp within
+// the row (with several rows per block, a block-wide warp index would write into the next row's slots).
 template <int NT>
 __device__ __forceinline__ float block_sum(float v, float* red) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
   __syncthreads();
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  if ((threadIdx.x & 31) == 0) red[(threadIdx.x % NT) >> 5] = v;
   __syncthreads();
   float s = 0.f;
 #pragma unroll
