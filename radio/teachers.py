@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -319,6 +320,7 @@ def _build_timm(spec: TeacherSpec) -> Teacher:
     if spec.match_student_resolution:
         kwargs.setdefault("dynamic_img_size", True)  # position embeddings interpolated to any grid
     model = timm.create_model(spec.model_name, pretrained=False, **kwargs)
+    _sam_attention_in_4d(model)
     if spec.checkpoint:
         state = _strip(load_state_file(spec.checkpoint), ("module.", "model."))
         state = {k: v for k, v in state.items() if not k.startswith("head.") or k in model.state_dict()}
@@ -328,6 +330,43 @@ def _build_timm(spec: TeacherSpec) -> Teacher:
     ps = model.patch_embed.patch_size if hasattr(model, "patch_embed") else 16
     patch = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
     return TimmTeacher(spec, model, mean, std, patch)
+
+
+def _sam_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's SAM ViT attention (decomposed relative-position bias), with (B, heads, N, C) inputs to SDPA.
+
+    timm passes (B * heads, N, C); PyTorch's flash / memory-efficient kernels take 4-D inputs only, so a bf16
+    CUDA run fell back to the math kernel, which computes in fp32 (SAM-L at 1024 px: 6% MFU on an H200,
+    BENCHMARKS.md). Same math: x (B, H, W, C) -> (B, H, W, C).
+    """
+    from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+
+    b, h, w, _ = x.shape
+    n, heads = h * w, self.num_heads
+    q, k, v = self.qkv(x.reshape(b, n, -1)).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)  # norms over the head dim: same on (B, heads, N, C)
+    bias = None
+    if self.use_rel_pos:
+        bias = get_decomposed_rel_pos_bias(q.reshape(b * heads, n, -1), self.rel_pos_h, self.rel_pos_w,
+                                           (h, w), (h, w)).view(b, heads, n, n)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return self.proj(out.transpose(1, 2).reshape(b, n, -1)).view(b, h, w, -1)
+
+
+def _sam_attention_in_4d(model: nn.Module) -> int:
+    """Route the eval-time attention of a timm SAM ViT through ``_sam_attention_forward``; other models (and
+    SAM variants with rotary embeddings) are left alone. Returns how many attention modules were changed."""
+    try:
+        from timm.models.vision_transformer_sam import Attention as SamAttention
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if (isinstance(m, SamAttention) and getattr(m, "rope", None) is None
+                and all(hasattr(m, a) for a in ("q_norm", "k_norm", "use_rel_pos"))):
+            m.forward = types.MethodType(_sam_attention_forward, m)
+            n += 1
+    return n
 
 
 _HF_KINDS = {

@@ -166,3 +166,27 @@ def test_bf16_autocast_on_gpu_close_to_fp32():
         ref = t.model.forward_features(x)  # fp32, no autocast
     assert f16.dtype == torch.float32
     torch.testing.assert_close(f16.flatten(2).transpose(1, 2), ref[:, 1:], rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_sam_attention_in_4d_matches_timm(dtype, tol):
+    # the SAM teacher's attention runs SDPA on (B, heads, N, C) (flash / memory-efficient kernels on GPUs);
+    # timm's own forward on (B * heads, N, C) is the reference, windowed and global blocks, rel-pos bias
+    import timm
+
+    from mmfm.radio.teachers import _sam_attention_in_4d
+
+    kw = dict(pretrained=False, num_classes=0, img_size=64, embed_dim=32, depth=2, num_heads=2,
+              global_attn_indexes=[1], window_size=3, neck_chans=16)
+    torch.manual_seed(0)
+    ref = timm.create_model("samvit_base_patch16", **kw).eval().to(dtype)
+    for blk in ref.blocks:  # random rel-pos tables: the default zeros would hide a wrong bias
+        torch.nn.init.normal_(blk.attn.rel_pos_h, std=0.5)
+        torch.nn.init.normal_(blk.attn.rel_pos_w, std=0.5)
+    ours = timm.create_model("samvit_base_patch16", **kw).eval().to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    assert _sam_attention_in_4d(ours) == 2 and _sam_attention_in_4d(timm.create_model("vit_tiny_patch16_224")) == 0
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    with torch.no_grad():
+        want, got = ref.forward_features(x).float(), ours.forward_features(x).float()
+    torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
