@@ -604,20 +604,21 @@ class TargetMaker:
     def teacher_outputs(self, plan: StepPlan, units: torch.Tensor
                         ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Raw teacher outputs on the teacher-visible pictures (whole images or mosaic tiles)."""
-        out = {}
-        for name in teachers_for(self.cfg, plan):
-            spec, info = self.specs[name], self.infos[name]
-            hw = teacher_input_size(spec, info, tuple(units.shape[-2:]), self.patch)
-            x = resize(units.to(self.device), hw)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
-                summary, feats = run_teacher(self.teachers[name], x)
-                if name in self.upsamplers and info.feature_dim:
-                    # FeatSharp: u-times finer features, mapped back to the teacher's space (the trainer's
-                    # own normaliser then standardises them like any other teacher map)
-                    _, feats = self.upsamplers[name].apply(x, denormalize=True)
-            out[name] = (summary.float() if (summary is not None and info.summary_dim) else None,
-                         feats.float() if (feats is not None and info.feature_dim) else None)
-        return out
+        return {name: self.teacher_output(name, units) for name in teachers_for(self.cfg, plan)}
+
+    @torch.no_grad()
+    def teacher_output(self, name: str, units: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One teacher's raw (summary, features) on the pictures ``units`` (B, 3, H, W), at its input size."""
+        spec, info = self.specs[name], self.infos[name]
+        x = resize(units.to(self.device), teacher_input_size(spec, info, tuple(units.shape[-2:]), self.patch))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            summary, feats = run_teacher(self.teachers[name], x)
+            if name in self.upsamplers and info.feature_dim:
+                # FeatSharp: u-times finer features, mapped back to the teacher's space (the trainer's
+                # own normaliser then standardises them like any other teacher map)
+                _, feats = self.upsamplers[name].apply(x, denormalize=True)
+        return (summary.float() if (summary is not None and info.summary_dim) else None,
+                feats.float() if (feats is not None and info.feature_dim) else None)
 
     def observe(self, raw: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]]) -> None:
         """Feed raw teacher features into the normalisers' streaming moments."""
@@ -773,12 +774,16 @@ def _reduce_metrics(metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:
 
 def setup(cfg: RadioTrainConfig, device: torch.device | str = "cpu"
           ) -> tuple[dict[str, nn.Module], dict[str, TeacherInfo], DistillModel, dict[str, nn.Module]]:
-    """Teachers, their probed shapes, the student model (seeded by ``cfg.seed``) and the normalisers."""
+    """Teachers, their probed shapes, the student model (seeded by ``cfg.seed``) and the normalisers; with
+    ``cfg.compile`` the student's and teachers' blocks are compiled (after the eager probe)."""
     teachers = build_teachers(cfg, device)
     infos = {t.name: probe_teacher(teachers[t.name], t, device) for t in cfg.teachers}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = DistillModel(build_student(cfg, infos), cfg)
+    if cfg.compile:
+        for m in [model, *teachers.values()]:
+            compile_repeated_blocks(m)
     normalizers = {t.name: build_normalizer(normalizer_kind(cfg, t), infos[t.name].feature_dim).to(device)
                    for t in cfg.teachers if infos[t.name].feature_dim}
     return teachers, infos, model, normalizers
@@ -826,9 +831,6 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
     device = dist.device
     rank, world = get_rank(), get_world_size()
     teachers, infos, model, normalizers = setup(cfg, device)
-    if cfg.compile:
-        for m in [model, *teachers.values()]:
-            compile_repeated_blocks(m)
     seed_everything(cfg.seed, rank)
     max_batch = max(q.batch_size for q in cfg.partitions)
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=max_batch)

@@ -44,7 +44,6 @@ from mmfm.radio.distill import (
     StepPlan,
     StudentConfig,
     TargetMaker,
-    compile_repeated_blocks,
     setup,
 )
 from mmfm.radio.teachers import TeacherSpec
@@ -95,10 +94,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
                 gradient_checkpointing: bool, profile: bool = False) -> dict:
     from mmfm.training import Engine
 
-    teachers, infos, model, normalizers = setup(cfg, device)
-    if cfg.compile:  # as mmfm.radio.distill.train does
-        for m in [model, *teachers.values()]:
-            compile_repeated_blocks(m)
+    teachers, infos, model, normalizers = setup(cfg, device)  # compiles the blocks when cfg.compile
     if gradient_checkpointing:
         model.encoder.student.set_grad_checkpointing(True)
     part = cfg.partitions[partition]
@@ -158,8 +154,9 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         t = _lap(device, phases, "student_fwd_bwd", t)
         engine.step()
         _lap(device, phases, "optimizer", t)
-    per_teacher = _per_teacher(maker, plan, images(), iters, device, profile) if profile else {}
-    return {"phase_ms": {k: 1e3 * v / iters for k, v in phases.items()}, "per_teacher": per_teacher,"resolution": plan.resolution[0], "batch": part.batch_size,
+    per_teacher = _per_teacher(maker, plan, images(), iters, device) if profile else {}
+    return {"phase_ms": {k: 1e3 * v / iters for k, v in phases.items()}, "per_teacher": per_teacher,
+            "resolution": plan.resolution[0], "batch": part.batch_size,
             "teachers": _names(cfg, partition),
             "step_ms": 1e3 * dt, "img_per_s": part.batch_size / dt,
             "teacher_tflop_per_step": teacher_flops / 1e12, "student_tflop_per_step": student_flops / 1e12,
@@ -167,37 +164,29 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
             "student_params_m": sum(p.numel() for p in model.encoder.parameters()) / 1e6}
 
 
-def _per_teacher(maker: TargetMaker, plan: StepPlan, x: torch.Tensor, iters: int, device: torch.device,
-                 profile: bool) -> dict[str, dict]:
-    """Each teacher alone on the step's images: ms, TFLOP and MFU-ready numbers; with ``profile`` the top GPU
-    kernels of each (torch.profiler), to see where a slow teacher's time goes."""
+def _per_teacher(maker: TargetMaker, plan: StepPlan, x: torch.Tensor, iters: int,
+                 device: torch.device) -> dict[str, dict]:
+    """Each teacher alone on the step's images: ms and TFLOP, and on a GPU its top kernels (torch.profiler),
+    to see where a slow teacher's time goes."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from mmfm.radio.distill import resize, run_teacher, teacher_input_size, teachers_for
+    from mmfm.radio.distill import teachers_for
 
     out = {}
     for name in teachers_for(maker.cfg, plan):
-        spec, info = maker.specs[name], maker.infos[name]
-        xi = resize(x, teacher_input_size(spec, info, tuple(x.shape[-2:]), maker.patch))
-
-        def call(teacher=maker.teachers[name], xi=xi) -> None:
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=maker.bf16):
-                run_teacher(teacher, xi)
-
-        call()
+        maker.teacher_output(name, x)  # warm-up
         with FlopCounterMode(display=False) as fc:
-            call()
+            maker.teacher_output(name, x)
         sync(device)
         t0 = time.perf_counter()
         for _ in range(iters):
-            call()
+            maker.teacher_output(name, x)
         sync(device)
-        row = {"input": list(xi.shape[-2:]), "ms": 1e3 * (time.perf_counter() - t0) / iters,
-               "tflop": fc.get_total_flops() / 1e12}
-        if profile and device.type == "cuda":
+        row = {"ms": 1e3 * (time.perf_counter() - t0) / iters, "tflop": fc.get_total_flops() / 1e12}
+        if device.type == "cuda":
             with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                call()
+                maker.teacher_output(name, x)
                 sync(device)
             row["top_kernels"] = [(e.key[:90], round(e.device_time_total / 1e3, 2)) for e in sorted(
                 prof.key_averages(), key=lambda e: -e.device_time_total)[:8]]
@@ -261,7 +250,7 @@ def main() -> int:
               + f"  | teacher MFU {100 * row['teacher_mfu']:.1f}%  student MFU {100 * row['student_mfu']:.1f}%",
               flush=True)
         for tname, t in row["per_teacher"].items():
-            print(f"    teacher {tname} at {t['input']}: {t['ms']:.1f} ms, {t['tflop']:.2f} TFLOP, "
+            print(f"    teacher {tname}: {t['ms']:.1f} ms, {t['tflop']:.2f} TFLOP, "
                   f"MFU {100 * t['tflop'] / (t['ms'] / 1e3) / args.peak_tflops:.1f}%", flush=True)
             for k, ms in t.get("top_kernels", []):
                 print(f"        {ms:8.2f} ms  {k}", flush=True)
