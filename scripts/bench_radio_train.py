@@ -2,9 +2,10 @@
 """RADIO distillation training throughput: img/s, MFU and peak memory of one training step.
 
 One step is exactly what ``mmfm.radio.distill.train`` does per micro-batch: the frozen teachers run on the
-batch (bf16 autocast on a GPU), their features are PHI-S normalised and resized to the student grid, the
-student (ViT-B/16 with one adaptor per teacher) runs forward + backward, and the Engine steps (AdamW, clipping,
-EMA off). Images are random tensors already on the device, so the data pipeline is not timed.
+batch (on a GPU their weights are bf16 and they run natively in bf16; ``--teacher-autocast`` runs them under
+autocast instead, for A/B), their features are PHI-S normalised and resized to the student grid, the student
+(ViT-B/16 with one adaptor per teacher) runs forward + backward, and the Engine steps (AdamW, clipping, EMA off).
+Images are random tensors already on the device, so the data pipeline is not timed.
 
 Teachers (random init: timings do not depend on the weights), ViT-L sized as in RADIO's recipes:
   clip  open_clip ViT-L-14-336 at 336 px (summary + features)
@@ -46,7 +47,7 @@ from mmfm.radio.distill import (
     TargetMaker,
     setup,
 )
-from mmfm.radio.teachers import TeacherSpec
+from mmfm.radio.teachers import Teacher, TeacherSpec
 from mmfm.training import EngineConfig, OptimizerConfig
 
 LARGE_TEACHERS = [
@@ -223,8 +224,12 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="time each teacher alone; top GPU kernels of each")
     p.add_argument("--points", nargs="+", choices=("low", "high"), default=["low", "high"],
                    help="which partitions to measure")
+    p.add_argument("--teacher-autocast", action="store_true",
+                   help="run the bf16-weight teachers under autocast (the behaviour before native bf16), for A/B")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.teacher_autocast:
+        Teacher.low_precision_weights = lambda self: None  # Teacher.forward then takes its autocast branch
     if args.tiny:
         args.low, args.high, args.batch_low, args.batch_high, args.warmup, args.iters = 64, 128, 4, 2, 1, 2
     device = torch.device(args.device)
@@ -259,7 +264,8 @@ def main() -> int:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "precision": precision, "peak_tflops": args.peak_tflops,
-            "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "deepspeed": args.deepspeed}
+            "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "deepspeed": args.deepspeed,
+            "teacher_autocast": args.teacher_autocast}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)

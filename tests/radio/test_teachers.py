@@ -168,6 +168,29 @@ def test_bf16_autocast_on_gpu_close_to_fp32():
     torch.testing.assert_close(f16.flatten(2).transpose(1, 2), ref[:, 1:], rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("family,name,kw", [
+    ("timm", "vit_small_patch14_dinov2", dict(model_kwargs=dict(depth=2, embed_dim=48, num_heads=2))),
+    ("timm", "samvit_base_patch16", dict(model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, window_size=2,
+                                                           global_attn_indexes=[1], neck_chans=16))),
+])
+def test_bf16_weights_run_natively_close_to_fp32(family, name, kw):
+    # bf16 weights: the teacher runs in bf16 without autocast (its fp32 LayerNorm outputs and re-casts cost
+    # time); the fp32 teacher is the reference, at bf16 tolerance (the residual stream is bf16 either way)
+    torch.manual_seed(0)
+    t = build_teacher(TeacherSpec("t", family, name, input_size=56 if "dino" in name else 64, **kw))
+    assert t.low_precision_weights() is None
+    imgs = _images(s=60)
+    s32, f32 = t(imgs)
+    t.model.to(torch.bfloat16)
+    assert t.low_precision_weights() == torch.bfloat16
+    s16, f16 = t(imgs)
+    assert f16.dtype == torch.float32 and f16.shape == f32.shape
+    for got, want in ((s16, s32), (f16, f32)):
+        rel = (got - want).norm() / want.norm()
+        assert rel < 2e-2, f"{name}: bf16 relative error {rel:.3g}"
+        assert torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1)).min() > 0.999
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_sam_attention_in_4d_matches_timm(dtype, tol):
     # the SAM teacher's attention runs SDPA on (B, heads, N, C) (flash / memory-efficient kernels on GPUs);
