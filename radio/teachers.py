@@ -347,24 +347,52 @@ def _build_timm(spec: TeacherSpec) -> Teacher:
     return TimmTeacher(spec, model, mean, std, patch)
 
 
-def _sam_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm's SAM ViT attention (decomposed relative-position bias), with (B, heads, N, C) inputs to SDPA.
+def _rel_pos_in_qk(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                   h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold SAM's decomposed relative-position bias into the query and key, so SDPA needs no dense bias.
 
-    timm passes (B * heads, N, C); PyTorch's flash / memory-efficient kernels take 4-D inputs only, so a bf16
-    CUDA run fell back to the math kernel, which computes in fp32 (SAM-L at 1024 px: 6% MFU on an H200,
-    BENCHMARKS.md). Same math: x (B, H, W, C) -> (B, H, W, C).
+    The bias of query i and key j = (row kh, column kw) is ``rel_h[i, kh] + rel_w[i, kw]`` (timm's
+    ``get_decomposed_rel_pos_bias``), the dot product of ``[rel_h[i], rel_w[i]]`` with the one-hot rows of
+    ``kh`` and ``kw``. Appending those to q and k (the one-hots times sqrt(C), which SDPA's 1 / sqrt(C) undoes)
+    gives ``q.k / sqrt(C) + bias`` in the attention kernel. timm instead materialises the bias,
+    (B, heads, N, N): 8.6 GB per global block of SAM-L at 1024 px and batch 16, which cost more than the
+    attention itself. q, k (B, heads, h * w, C) -> (B, heads, h * w, C') with C' = C + h + w rounded up to a
+    multiple of 8 (the fused kernels' head-size granularity; the padding is zeros).
     """
-    from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+    from timm.models.vision_transformer_sam import get_rel_pos
 
+    b, heads, n, c = q.shape
+    rh, rw = get_rel_pos(h, h, rel_pos_h), get_rel_pos(w, w, rel_pos_w)  # (h, h, C), (w, w, C)
+    qg = q.reshape(b, heads, h, w, c)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", qg, rh.to(q.dtype)).reshape(b, heads, n, h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", qg, rw.to(q.dtype)).reshape(b, heads, n, w)
+    pad = -(c + h + w) % 8
+    kh = torch.arange(n, device=q.device) // w
+    kw = torch.arange(n, device=q.device) % w
+    onehot = torch.cat([F.one_hot(kh, h), F.one_hot(kw, w), kh.new_zeros(n, pad)], dim=-1).to(k.dtype) * c**0.5
+    q = torch.cat([q, rel_h, rel_w, q.new_zeros(b, heads, n, pad)], dim=-1)
+    k = torch.cat([k, onehot.expand(b, heads, n, h + w + pad)], dim=-1)
+    return q, k
+
+
+def _sam_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's SAM ViT attention (decomposed relative-position bias) as one fused SDPA call on 4-D inputs.
+
+    timm passes (B * heads, N, C) and a dense (B * heads, N, N) bias; PyTorch's flash / memory-efficient
+    kernels take 4-D inputs only, so a bf16 CUDA run fell back to the math kernel, which computes in fp32
+    (SAM-L at 1024 px: 6% MFU on an H200, BENCHMARKS.md), and the dense bias alone took ~200 ms a step on an
+    H100. Here the bias rides in q and k (``_rel_pos_in_qk``); v keeps its own head width (PyTorch 2.11 picks
+    cuDNN's fused kernel for that on an H100; zero-padding v to q's width measured slower,
+    ``scripts/bench_sam_attention.py``). Same math: x (B, H, W, C) -> (B, H, W, C).
+    """
     b, h, w, _ = x.shape
     n, heads = h * w, self.num_heads
     q, k, v = self.qkv(x.reshape(b, n, -1)).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)  # norms over the head dim: same on (B, heads, N, C)
-    bias = None
+    c = v.shape[-1]
     if self.use_rel_pos:
-        bias = get_decomposed_rel_pos_bias(q.reshape(b * heads, n, -1), self.rel_pos_h, self.rel_pos_w,
-                                           (h, w), (h, w)).view(b, heads, n, n)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        q, k = _rel_pos_in_qk(q, k, self.rel_pos_h, self.rel_pos_w, h, w)
+    out = F.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
     return self.proj(out.transpose(1, 2).reshape(b, n, -1)).view(b, h, w, -1)
 
 

@@ -191,25 +191,41 @@ def test_bf16_weights_run_natively_close_to_fp32(family, name, kw):
         assert torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1)).min() > 0.999
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_sam_attention_in_4d_matches_timm(dtype, tol):
-    # the SAM teacher's attention runs SDPA on (B, heads, N, C) (flash / memory-efficient kernels on GPUs);
-    # timm's own forward on (B * heads, N, C) is the reference, windowed and global blocks, rel-pos bias
+def _check_sam_attention_matches_timm(dtype: torch.dtype, tol: float, device: str, embed_dim: int,
+                                      img: int) -> None:
     import timm
 
     from mmfm.radio.teachers import _sam_attention_in_4d
 
-    kw = dict(pretrained=False, num_classes=0, img_size=64, embed_dim=32, depth=2, num_heads=2,
+    kw = dict(pretrained=False, num_classes=0, img_size=img, embed_dim=embed_dim, depth=2, num_heads=2,
               global_attn_indexes=[1], window_size=3, neck_chans=16)
     torch.manual_seed(0)
-    ref = timm.create_model("samvit_base_patch16", **kw).eval().to(dtype)
+    ref = timm.create_model("samvit_base_patch16", **kw).eval().to(device, dtype)
     for blk in ref.blocks:  # random rel-pos tables: the default zeros would hide a wrong bias
         torch.nn.init.normal_(blk.attn.rel_pos_h, std=0.5)
         torch.nn.init.normal_(blk.attn.rel_pos_w, std=0.5)
-    ours = timm.create_model("samvit_base_patch16", **kw).eval().to(dtype)
+    ours = timm.create_model("samvit_base_patch16", **kw).eval().to(device, dtype)
     ours.load_state_dict(ref.state_dict())
     assert _sam_attention_in_4d(ours) == 2 and _sam_attention_in_4d(timm.create_model("vit_tiny_patch16_224")) == 0
-    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    x = torch.randn(2, 3, img, img, dtype=dtype, device=device)
     with torch.no_grad():
         want, got = ref.forward_features(x).float(), ours.forward_features(x).float()
     torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("embed_dim", [32, 40])  # head width 16 and 20 (sqrt(20) is not a bf16 number)
+def test_sam_attention_in_4d_matches_timm(dtype, tol, embed_dim):
+    # the SAM teacher's attention runs one SDPA call on (B, heads, N, C) with the rel-pos bias folded into
+    # q and k; timm's own forward (dense bias, (B * heads, N, C)) is the reference, windowed and global blocks
+    _check_sam_attention_matches_timm(dtype, tol, "cpu", embed_dim, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
+def test_sam_attention_in_4d_matches_timm_on_gpu(dtype, tol):
+    # on a GPU SDPA takes the fused kernels (flash / cuDNN / memory-efficient) for the widened q, k, v;
+    # fp32 tolerance allows for TF32-free but reordered fused accumulation. 128 px: 8 x 8 global grid
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _check_sam_attention_matches_timm(dtype, tol, "cuda", 128, 128)
