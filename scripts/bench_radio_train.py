@@ -31,14 +31,17 @@ partitions over ranks, so one GPU shows its bf16-weights + fp32-master memory la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
 import time
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmfm.radio import teachers as teachers_module
 from mmfm.radio.distill import (
     PartitionConfig,
     RadioTrainConfig,
@@ -91,6 +94,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def model_flops_paths(teachers: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Count the models' own FLOPs, not those of the fast paths they take: PyTorch's fused
+    ``nn.MultiheadAttention`` inference path (open_clip; the FLOP counter sees none of it) is switched off,
+    and SAM's attention runs timm's forward instead of ``mmfm.radio.teachers``' folded bias (whose wider
+    q / k add FLOPs that are not the model's). MFU is then model FLOPs / time, as usual."""
+    restored = []
+    for t in teachers:
+        for m in t.modules():
+            if "forward" in m.__dict__:  # an instance-level forward patched in by mmfm
+                restored.append((m, m.__dict__.pop("forward")))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, fwd in restored:
+            m.forward = fwd
+
+
 def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, warmup: int, iters: int,
                 gradient_checkpointing: bool, profile: bool = False) -> dict:
     from mmfm.training import Engine
@@ -124,7 +148,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         step()
     sync(device)
     # FLOPs of one step, split teacher / student, counted on an extra (untimed) step
-    with FlopCounterMode(display=False) as fc_teacher:
+    with FlopCounterMode(display=False) as fc_teacher, model_flops_paths(maker.teachers.values()):
         x = images()
         raw = maker.teacher_outputs(plan, x)
     with FlopCounterMode(display=False) as fc_student:
@@ -177,7 +201,7 @@ def _per_teacher(maker: TargetMaker, plan: StepPlan, x: torch.Tensor, iters: int
     out = {}
     for name in teachers_for(maker.cfg, plan):
         maker.teacher_output(name, x)  # warm-up
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, model_flops_paths(maker.teachers.values()):
             maker.teacher_output(name, x)
         sync(device)
         t0 = time.perf_counter()
@@ -226,10 +250,14 @@ def main() -> int:
                    help="which partitions to measure")
     p.add_argument("--teacher-autocast", action="store_true",
                    help="run the bf16-weight teachers under autocast (the behaviour before native bf16), for A/B")
+    p.add_argument("--timm-sam-attention", action="store_true",
+                   help="keep timm's 3-D SAM attention (the behaviour before the 4-D SDPA change), for A/B")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.teacher_autocast:
         Teacher.low_precision_weights = lambda self: None  # Teacher.forward then takes its autocast branch
+    if args.timm_sam_attention:
+        teachers_module._sam_attention_in_4d = lambda model: 0  # _build_timm then leaves timm's forward
     if args.tiny:
         args.low, args.high, args.batch_low, args.batch_high, args.warmup, args.iters = 64, 128, 4, 2, 1, 2
     device = torch.device(args.device)
@@ -265,7 +293,7 @@ def main() -> int:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "precision": precision, "peak_tflops": args.peak_tflops,
             "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "deepspeed": args.deepspeed,
-            "teacher_autocast": args.teacher_autocast}
+            "teacher_autocast": args.teacher_autocast, "timm_sam_attention": args.timm_sam_attention}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
