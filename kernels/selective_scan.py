@@ -990,7 +990,8 @@ def _cuda_unsupported(u, delta, A, B, C, z) -> str | None:
 # benchmark variants of the CUDA kernels (bf16 only; MMFM_VARIANTS in csrc/selective_scan.cuh)
 # -> (forward chunk length, backward chunk length)
 VARIANT_CHUNKS = {
-    1: (2048, 256), 2: (512, 256), 3: (256, 256), 4: (512, 512), 5: (512, 512), 6: (2048, 256), 7: (2048, 512)
+    1: (2048, 256), 2: (512, 256), 3: (256, 256), 4: (512, 512), 5: (512, 512), 6: (2048, 256), 7: (2048, 512),
+    8: (2048, 256), 9: (2048, 256), 10: (2048, 256), 11: (512, 256),
 }
 
 

@@ -396,7 +396,11 @@ __global__ void __launch_bounds__(NT * R, MINB) selective_scan_bwd_kernel(Params
   X(4, (64, 8, true, 12), (32, 16, 4, 4))         \
   X(5, (32, 16, false, 16), (64, 8, 4, 2))        \
   X(6, (128, 16, true, 4), (32, 8, 4, 3))         \
-  X(7, (128, 16, true, 4), (64, 8, 4, 2))
+  X(7, (128, 16, true, 4), (64, 8, 4, 2))         \
+  X(8, (128, 16, true, 3), (32, 8, 4, 4))         \
+  X(9, (256, 8, true, 2), (32, 8, 4, 4))          \
+  X(10, (128, 16, false, 4), (32, 8, 4, 4))       \
+  X(11, (32, 16, true, 12), (32, 8, 4, 4))
 
 #define MMFM_UNPACK(...) __VA_ARGS__
 #define MMFM_LAUNCH_FWD_I(...) MMFM_LAUNCH_FWD(__VA_ARGS__)
