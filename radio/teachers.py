@@ -336,6 +336,7 @@ def _build_timm(spec: TeacherSpec) -> Teacher:
         kwargs.setdefault("dynamic_img_size", True)  # position embeddings interpolated to any grid
     model = timm.create_model(spec.model_name, pretrained=False, **kwargs)
     _sam_attention_in_4d(model)
+    _sam_contiguous_tokens(model)
     if spec.checkpoint:
         state = _strip(load_state_file(spec.checkpoint), ("module.", "model."))
         state = {k: v for k, v in state.items() if not k.startswith("head.") or k in model.state_dict()}
@@ -410,6 +411,23 @@ def _sam_attention_in_4d(model: nn.Module) -> int:
             m.forward = types.MethodType(_sam_attention_forward, m)
             n += 1
     return n
+
+
+def _sam_contiguous_tokens(model: nn.Module) -> bool:
+    """Make a timm SAM ViT's token grid contiguous once, after the patch embedding.
+
+    timm's patch embedding returns the convolution's (B, C, H, W) output permuted to (B, H, W, C), and every
+    residual add keeps that channels-first memory layout, so each of the 24 blocks of SAM-L copied its input
+    for the LayerNorms and reshapes and ran its residual adds on strided tensors (~55 ms of the SAM-L teacher
+    at 1024 px and batch 16 on an H100, BENCHMARKS.md). Same values. Returns whether a hook was added."""
+    try:
+        from timm.models.vision_transformer_sam import VisionTransformerSAM
+    except ImportError:
+        return False
+    if not isinstance(model, VisionTransformerSAM):
+        return False
+    model.patch_embed.register_forward_hook(lambda module, args, out: out.contiguous())
+    return True
 
 
 _HF_KINDS = {

@@ -195,7 +195,7 @@ def _check_sam_attention_matches_timm(dtype: torch.dtype, tol: float, device: st
                                       img: int) -> None:
     import timm
 
-    from mmfm.radio.teachers import _sam_attention_in_4d
+    from mmfm.radio.teachers import _sam_attention_in_4d, _sam_contiguous_tokens
 
     kw = dict(pretrained=False, num_classes=0, img_size=img, embed_dim=embed_dim, depth=2, num_heads=2,
               global_attn_indexes=[1], window_size=3, neck_chans=16)
@@ -207,10 +207,15 @@ def _check_sam_attention_matches_timm(dtype: torch.dtype, tol: float, device: st
     ours = timm.create_model("samvit_base_patch16", **kw).eval().to(device, dtype)
     ours.load_state_dict(ref.state_dict())
     assert _sam_attention_in_4d(ours) == 2 and _sam_attention_in_4d(timm.create_model("vit_tiny_patch16_224")) == 0
+    assert _sam_contiguous_tokens(ours) and not _sam_contiguous_tokens(timm.create_model("vit_tiny_patch16_224"))
+    block_inputs = []
+    for blk in ours.blocks:
+        blk.register_forward_pre_hook(lambda m, args: block_inputs.append(args[0].is_contiguous()))
     x = torch.randn(2, 3, img, img, dtype=dtype, device=device)
     with torch.no_grad():
         want, got = ref.forward_features(x).float(), ours.forward_features(x).float()
     torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
+    assert block_inputs == [True, True]  # timm's own grid is channels-first in memory (the reason for the hook)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
