@@ -12,7 +12,7 @@ extra peak memory, and the error against the same layer in fp32 (timm's forward,
 largest difference relative to the largest value, timm's own bf16 forward included.
 
     python scripts/bench_sam_attention.py --device cuda --json out.json
-    python scripts/bench_sam_attention.py --device cpu --batch 1 --repeats 2       # smoke run
+    python scripts/bench_sam_attention.py --device cpu --batch 1 --min-run-time 0.1  # smoke run
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ import argparse
 import json
 import math
 import platform
-import statistics
-import time
 import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.benchmark import Timer
 
 from mmfm.radio.teachers import _rel_pos_in_qk, _sam_attention_forward
 
@@ -59,22 +58,11 @@ def _folded_pad_v(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 VARIANTS = {"timm": None, "dense_4d": _dense_4d, "folded_pad_v": _folded_pad_v, "folded": _sam_attention_forward}
 
 
-def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` in ms (CUDA synchronised)."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+def _time_ms(fn: Callable[[], object], warmup: int, min_run_time: float) -> float:
+    """Median time of ``fn()`` in ms (``torch.utils.benchmark``: CUDA synchronised, blocks of runs)."""
     for _ in range(warmup):
         fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def bench_block(name: str, batch: int, grid: int, args: argparse.Namespace, device: torch.device,
@@ -101,7 +89,7 @@ def bench_block(name: str, batch: int, grid: int, args: argparse.Namespace, devi
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-            ms = _time(lambda: attn(x), device, args.warmup, args.repeats)
+            ms = _time_ms(lambda: attn(x), args.warmup, args.min_run_time)
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else float("nan")
         anchor_ms = anchor_ms or ms
         err = ((out - ref).abs().max() / ref.abs().max()).item()
@@ -122,7 +110,7 @@ def main() -> int:
     p.add_argument("--global-grid", type=int, default=64)
     p.add_argument("--window", type=int, default=14)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per variant")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     device = torch.device(args.device)
