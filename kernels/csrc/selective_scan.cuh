@@ -112,6 +112,22 @@ __device__ __forceinline__ void store_items(T* __restrict__ p, int valid, const 
   }
 }
 
+// NI consecutive items from shared memory (16-byte aligned when NI items fill whole vectors).
+template <typename T, int NI>
+__device__ __forceinline__ void load_shared(const T* p, float (&v)[NI]) {
+  if constexpr ((NI * sizeof(T)) % 16 == 0) {
+    alignas(16) T tmp[NI];
+#pragma unroll
+    for (int k = 0; k < int(NI * sizeof(T) / 16); ++k)
+      reinterpret_cast<uint4*>(tmp)[k] = reinterpret_cast<const uint4*>(p)[k];
+#pragma unroll
+    for (int i = 0; i < NI; ++i) v[i] = to_float(tmp[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < NI; ++i) v[i] = to_float(p[i]);
+  }
+}
+
 __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 
@@ -195,6 +211,115 @@ __global__ void __launch_bounds__(NT, MINB) selective_scan_fwd_kernel(Params p) 
     }
     store_items<T, NI>(static_cast<T*>(p.out) + b * p.out_sb + d * p.out_sd + t0, valid, acc);
     __syncthreads();  // h_run of this chunk is read before the next chunk overwrites the other buffer
+  }
+}
+
+// Forward with R rows (channels of one group) per block that share the B / C loads: per state the
+// block stages the chunk's B and C in shared memory once (each thread loads NI / R items of each), and
+// every row reads them from there, R times fewer L2 reads than one row per block. Bench-only variants
+// (MMFM_ROWS_VARIANTS); same math as selective_scan_fwd_kernel with PQ.
+template <int NT, int NI, int R, int MINB, typename T>
+__global__ void __launch_bounds__(NT * R, MINB) selective_scan_fwd_rows_kernel(Params p) {
+  constexpr int CHUNK = NT * NI;
+  constexpr int SLICE = NI / R;                  // B (and C) items each thread stages per state
+  constexpr int PAD = 16 / sizeof(T);            // one 16-byte pad per 4 threads' NI items: conflict-free reads
+  constexpr int SMEM_ROW = CHUNK + (NT / 4) * PAD;
+  static_assert(NI % R == 0, "each thread stages NI / R items");
+  __shared__ Pair warp_tot_all[R][2][NT / 32];
+  __shared__ float h_run_all[R][2][kMaxState];
+  __shared__ alignas(16) unsigned char bc_bytes[2 * 2 * SMEM_ROW * sizeof(T)];  // [buffer][B, C][padded chunk]
+  T* bc = reinterpret_cast<T*>(bc_bytes);
+  const int row = threadIdx.x / NT, tid = threadIdx.x % NT, N = p.dstate;
+  auto& warp_tot = warp_tot_all[row];
+  auto& h_run = h_run_all[row];
+  const int d = blockIdx.x * R + row, b = blockIdx.y;
+  const int g = d / p.group_size;  // the same for every row (the host checks R divides the group size)
+  const T* u = static_cast<const T*>(p.u) + b * p.u_sb + d * p.u_sd;
+  const T* delta = static_cast<const T*>(p.delta) + b * p.delta_sb + d * p.delta_sd;
+  const T* Bp = static_cast<const T*>(p.B) + b * p.B_sb + g * p.B_sg;
+  const T* Cp = static_cast<const T*>(p.C) + b * p.C_sb + g * p.C_sg;
+  const float* A = p.A + int64_t(d) * N;
+  const float Dskip = p.D ? p.D[d] : 0.f;
+  const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+  const int64_t row_state = (int64_t(b) * p.dim + d) * N;
+  for (int n = tid; n < N; n += NT) h_run[0][n] = p.h0 ? p.h0[row_state + n] : 0.f;
+  // staging: block thread j loads items [j * SLICE, (j + 1) * SLICE) of the chunk; the item of thread t's
+  // step i sits at t * NI + i + (t / 4) * PAD
+  const int j0 = threadIdx.x * SLICE;
+  const int stage_at = j0 + (j0 / NI / 4) * PAD;
+  const int read_at = tid * NI + (tid / 4) * PAD;
+  auto stage = [&](int buf, int n, int c) {
+    const int t_first = c * CHUNK + j0;
+    const int v = min(SLICE, p.seqlen - t_first);
+    float bs[SLICE], cs[SLICE];
+    load_items<T, SLICE>(Bp + n * p.B_sn + t_first, v, bs);
+    load_items<T, SLICE>(Cp + n * p.C_sn + t_first, v, cs);
+#pragma unroll
+    for (int i = 0; i < SLICE; ++i) {
+      bc[(buf * 2) * SMEM_ROW + stage_at + i] = static_cast<T>(bs[i]);
+      bc[(buf * 2 + 1) * SMEM_ROW + stage_at + i] = static_cast<T>(cs[i]);
+    }
+  };
+  int scans = 0, sbuf = 0;
+  const int n_chunks = (p.seqlen + CHUNK - 1) / CHUNK;
+  for (int c = 0; c < n_chunks; ++c) {
+    const int t0 = c * CHUNK + tid * NI;
+    const int valid = max(0, min(NI, p.seqlen - t0));
+    const int t_end = t0 + NI;
+    const bool saves = p.hsave && t_end % p.save_chunk == 0 && t_end < p.seqlen;
+    float* hsave = saves ? p.hsave + row_state * p.n_saved + int64_t(t_end / p.save_chunk - 1) * N : nullptr;
+    float uv[NI], dt[NI], acc[NI];
+    load_items<T, NI>(u + t0, valid, uv);
+    load_items<T, NI>(delta + t0, valid, dt);
+#pragma unroll
+    for (int i = 0; i < NI; ++i) {
+      const float x = dt[i] + bias;
+      dt[i] = i < valid ? (p.softplus ? softplus(x) : x) : 0.f;
+      acc[i] = Dskip * uv[i];
+      uv[i] *= dt[i];
+    }
+    stage(sbuf, 0, c);
+    __syncthreads();
+    for (int n = 0; n < N; ++n) {
+      float Bv[NI];
+      load_shared<T, NI>(bc + (sbuf * 2) * SMEM_ROW + read_at, Bv);
+      const float A2 = A[n] * kLog2e;
+      float a[NI], bb[NI];
+      Pair agg = {1.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < NI; ++i) {
+        agg = compose(agg, {exp2f(dt[i] * A2), uv[i] * Bv[i]});
+        a[i] = agg.a;
+        bb[i] = agg.b;
+      }
+      // the next state's B / C go to the other buffer, whose readers (state n - 1) are past the barrier
+      // at the end of the previous state
+      if (n + 1 < N) stage(sbuf ^ 1, n + 1, c);
+      const Pair ex = block_exclusive_scan<NT, false>(agg, warp_tot[scans++ & 1]);
+      float Cv[NI];
+      load_shared<T, NI>(bc + (sbuf * 2 + 1) * SMEM_ROW + read_at, Cv);
+      const float h0 = fmaf(ex.a, h_run[c & 1][n], ex.b);
+      float h = h0;
+#pragma unroll
+      for (int i = 0; i < NI; ++i) {
+        h = fmaf(a[i], h0, bb[i]);
+        acc[i] = fmaf(Cv[i], h, acc[i]);
+      }
+      if (saves) hsave[n] = h;
+      if (tid == NT - 1) {
+        h_run[(c + 1) & 1][n] = h;
+        if (c == n_chunks - 1) p.hlast[row_state + n] = h;
+      }
+      sbuf ^= 1;
+      __syncthreads();  // staged buffer complete before it is read; this one's reads done before it is refilled
+    }
+    if (p.z) {
+      float zv[NI];
+      load_items<T, NI>(static_cast<const T*>(p.z) + b * p.z_sb + d * p.z_sd + t0, valid, zv);
+#pragma unroll
+      for (int i = 0; i < NI; ++i) acc[i] *= zv[i] * sigmoid(zv[i]);
+    }
+    store_items<T, NI>(static_cast<T*>(p.out) + b * p.out_sb + d * p.out_sd + t0, valid, acc);
   }
 }
 
@@ -383,6 +508,8 @@ __global__ void __launch_bounds__(NT * R, MINB) selective_scan_bwd_kernel(Params
 // backward of one call use the same chunk length, not necessarily the same NT / NI.
 #define MMFM_LAUNCH_FWD(NT, NI, PQ, MINB) \
   selective_scan_fwd_kernel<NT, NI, PQ, MINB, T><<<dim3(p.dim, p.batch), NT, 0, stream>>>(p)
+#define MMFM_LAUNCH_FWD_ROWS(NT, NI, R, MINB)                                          \
+  selective_scan_fwd_rows_kernel<NT, NI, R, MINB, T><<<dim3(p.dim / (R), p.batch), (NT) * (R), 0, stream>>>(p)
 #define MMFM_LAUNCH_BWD(NT, NI, R, MINB) \
   selective_scan_bwd_kernel<NT, NI, R, MINB, T><<<dim3(p.dim / (R), p.batch), (NT) * (R), 0, stream>>>(p)
 
@@ -437,6 +564,12 @@ bool launch_fwd(const Params& p, int ch, int variant, cudaStream_t stream) {
   }
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     switch (variant) { MMFM_VARIANTS(MMFM_FWD_CASE) }
+    // rows variants: R channels per block share the staged B / C (R must divide the group size)
+    if (variant == 12 && ch == 2048 && p.group_size % 2 == 0) MMFM_LAUNCH_FWD_ROWS(128, 16, 2, 2);
+    else if (variant == 13 && ch == 2048 && p.group_size % 4 == 0) MMFM_LAUNCH_FWD_ROWS(128, 16, 4, 1);
+    else if (variant == 14 && ch == 512 && p.group_size % 4 == 0) MMFM_LAUNCH_FWD_ROWS(32, 16, 4, 4);
+    else return false;
+    return true;
   }
   return false;
 }
@@ -457,6 +590,10 @@ bool launch_bwd(const Params& p, int ch, int variant, cudaStream_t stream) {
   }
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     switch (variant) { MMFM_VARIANTS(MMFM_BWD_CASE) }
+    if (variant >= 12 && variant <= 14 && ch == 256) {  // the rows variants differ in the forward only
+      MMFM_LAUNCH_BWD_ROWS(32, 8, 4);
+      return true;
+    }
   }
   return false;
 }
