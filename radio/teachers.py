@@ -376,6 +376,15 @@ def _rel_pos_in_qk(q: torch.Tensor, k: torch.Tensor, rel_pos_h: torch.Tensor, re
     return q, k
 
 
+def _sam_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of a timm SAM attention layer as (B, heads, H * W, C) views of one qkv projection (q / k
+    normed over the head dim, as timm does on (B * heads, N, C)). x (B, H, W, D)."""
+    b, h, w, _ = x.shape
+    n = h * w
+    q, k, v = attn.qkv(x.reshape(b, n, -1)).view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
 def _sam_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm's SAM ViT attention (decomposed relative-position bias) as one fused SDPA call on 4-D inputs.
 
@@ -387,14 +396,12 @@ def _sam_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``scripts/bench_sam_attention.py``). Same math: x (B, H, W, C) -> (B, H, W, C).
     """
     b, h, w, _ = x.shape
-    n, heads = h * w, self.num_heads
-    q, k, v = self.qkv(x.reshape(b, n, -1)).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = self.q_norm(q), self.k_norm(k)  # norms over the head dim: same on (B, heads, N, C)
+    q, k, v = _sam_qkv(self, x)
     c = v.shape[-1]
     if self.use_rel_pos:
         q, k = _rel_pos_in_qk(q, k, self.rel_pos_h, self.rel_pos_w, h, w)
     out = F.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
-    return self.proj(out.transpose(1, 2).reshape(b, n, -1)).view(b, h, w, -1)
+    return self.proj(out.transpose(1, 2).reshape(b, h * w, -1)).view(b, h, w, -1)
 
 
 def _sam_attention_in_4d(model: nn.Module) -> int:

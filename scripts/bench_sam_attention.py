@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from mmfm.radio.teachers import _rel_pos_in_qk, _sam_attention_forward
+from mmfm.radio.teachers import _rel_pos_in_qk, _sam_attention_forward, _sam_qkv
 
 
 def _dense_4d(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def _dense_4d(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     b, h, w, _ = x.shape
     n, heads = h * w, self.num_heads
-    q, k, v = self.qkv(x.reshape(b, n, -1)).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = _sam_qkv(self, x)
     bias = get_decomposed_rel_pos_bias(q.reshape(b * heads, n, -1), self.rel_pos_h, self.rel_pos_w,
                                        (h, w), (h, w)).view(b, heads, n, n)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -47,12 +47,11 @@ def _dense_4d(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _folded_pad_v(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Folded bias, v zero-padded to q's width (one head size for every fused kernel). x (B, H, W, C) -> same."""
     b, h, w, _ = x.shape
-    n, heads = h * w, self.num_heads
-    q, k, v = self.qkv(x.reshape(b, n, -1)).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = _sam_qkv(self, x)
     c = v.shape[-1]
     q, k = _rel_pos_in_qk(q, k, self.rel_pos_h, self.rel_pos_w, h, w)
     out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - c)), scale=c**-0.5)[..., :c]
-    return self.proj(out.transpose(1, 2).reshape(b, n, -1)).view(b, h, w, -1)
+    return self.proj(out.transpose(1, 2).reshape(b, h * w, -1)).view(b, h, w, -1)
 
 
 VARIANTS = {"timm": None, "dense_4d": _dense_4d, "folded_pad_v": _folded_pad_v, "folded": _sam_attention_forward}
