@@ -275,6 +275,8 @@ def main() -> int:
 
             cuda_cfgs = [dict(chunk=c) for c in (256, 512, 1024, 2048)]
             cuda_cfgs += [dict(variant=k) for k, cs in VARIANT_CHUNKS.items() if max(cs) < 2 * seqlen or seqlen > 1024]
+            # the defaults and the best variants again on a batch-fastest grid
+            cuda_cfgs += [dict(variant=100 + k) for k in (0, 7, 14) if dict(variant=k) in cuda_cfgs or k == 0]
             for cfg in cuda_cfgs if has_cuda and args.sweep in ("all", "cuda") else ():
                 r = measure(mmfm_fn(cfg, "cuda"), x, dout)
                 r["err_vs_default"] = max_rel_err(mmfm_fn(cfg, "cuda")(**x), out)

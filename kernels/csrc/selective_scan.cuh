@@ -40,6 +40,16 @@ __device__ __forceinline__ Pair compose(Pair first, Pair second) {
   return {first.a * second.a, fmaf(second.a, first.b, second.b)};
 }
 
+// The block's (channel block, batch) coordinates. With p.batch_fast (sweep variants + 100) the grid is
+// (batch, D / rows), as mamba-ssm's, so that co-resident blocks (consecutive block indices) belong to
+// different batch rows: their B / C reads and the backward's dB / dC atomics spread over `batch` times
+// more addresses instead of all SMs hitting one batch row's B / C at once.
+__device__ __forceinline__ int block_d(const Params& p) { return p.batch_fast ? blockIdx.y : blockIdx.x; }
+__device__ __forceinline__ int block_b(const Params& p) { return p.batch_fast ? blockIdx.x : blockIdx.y; }
+inline dim3 grid_of(const Params& p, int rows) {
+  return p.batch_fast ? dim3(p.batch, p.dim / rows) : dim3(p.dim / rows, p.batch);
+}
+
 // Exclusive scan over the block's threads in thread order (REV: reverse thread order). `warp_tot` is
 // NT / 32 Pairs of shared memory; callers alternate two buffers so one barrier per scan suffices.
 // With several rows per block (threads [r * NT, (r + 1) * NT) scan row r) every row passes the barrier.
@@ -140,7 +150,7 @@ __global__ void __launch_bounds__(NT, MINB) selective_scan_fwd_kernel(Params p) 
   constexpr int CHUNK = NT * NI;
   __shared__ Pair warp_tot[2][NT / 32];
   __shared__ float h_run[2][kMaxState];
-  const int d = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, N = p.dstate;
+  const int d = block_d(p), b = block_b(p), tid = threadIdx.x, N = p.dstate;
   const int g = d / p.group_size;
   const T* u = static_cast<const T*>(p.u) + b * p.u_sb + d * p.u_sd;
   const T* delta = static_cast<const T*>(p.delta) + b * p.delta_sb + d * p.delta_sd;
@@ -216,8 +226,8 @@ __global__ void __launch_bounds__(NT, MINB) selective_scan_fwd_kernel(Params p) 
 
 // Forward with R rows (channels of one group) per block that share the B / C loads: per state the
 // block stages the chunk's B and C in shared memory once (each thread loads NI / R items of each), and
-// every row reads them from there, R times fewer L2 reads than one row per block. Bench-only variants
-// (MMFM_ROWS_VARIANTS); same math as selective_scan_fwd_kernel with PQ.
+// every row reads them from there, R times fewer L2 reads than one row per block. Sweep variants 12-14
+// (not default yet); same math as selective_scan_fwd_kernel with PQ.
 template <int NT, int NI, int R, int MINB, typename T>
 __global__ void __launch_bounds__(NT * R, MINB) selective_scan_fwd_rows_kernel(Params p) {
   constexpr int CHUNK = NT * NI;
@@ -232,7 +242,7 @@ __global__ void __launch_bounds__(NT * R, MINB) selective_scan_fwd_rows_kernel(P
   const int row = threadIdx.x / NT, tid = threadIdx.x % NT, N = p.dstate;
   auto& warp_tot = warp_tot_all[row];
   auto& h_run = h_run_all[row];
-  const int d = blockIdx.x * R + row, b = blockIdx.y;
+  const int d = block_d(p) * R + row, b = block_b(p);
   const int g = d / p.group_size;  // the same for every row (the host checks R divides the group size)
   const T* u = static_cast<const T*>(p.u) + b * p.u_sb + d * p.u_sd;
   const T* delta = static_cast<const T*>(p.delta) + b * p.delta_sb + d * p.delta_sd;
@@ -355,7 +365,7 @@ __global__ void __launch_bounds__(NT * R, MINB) selective_scan_bwd_kernel(Params
   auto& q_run = q_run_all[row];
   auto& dA_acc = dA_acc_all[row];
   float* red = red_all[row];
-  const int d = blockIdx.x * R + row, b = blockIdx.y, tid = threadIdx.x % NT, N = p.dstate;
+  const int d = block_d(p) * R + row, b = block_b(p), tid = threadIdx.x % NT, N = p.dstate;
   const int g = d / p.group_size;
   // du / ddelta / dz are allocated like u and dout is contiguous too (both checked on the host)
   const int64_t u_off = b * p.u_sb + d * p.u_sd;
@@ -507,11 +517,11 @@ __global__ void __launch_bounds__(NT * R, MINB) selective_scan_bwd_kernel(Params
 // Launch configurations: NT threads x NI steps per block pass (chunk = NT * NI). The forward and the
 // backward of one call use the same chunk length, not necessarily the same NT / NI.
 #define MMFM_LAUNCH_FWD(NT, NI, PQ, MINB) \
-  selective_scan_fwd_kernel<NT, NI, PQ, MINB, T><<<dim3(p.dim, p.batch), NT, 0, stream>>>(p)
+  selective_scan_fwd_kernel<NT, NI, PQ, MINB, T><<<grid_of(p, 1), NT, 0, stream>>>(p)
 #define MMFM_LAUNCH_FWD_ROWS(NT, NI, R, MINB)                                          \
-  selective_scan_fwd_rows_kernel<NT, NI, R, MINB, T><<<dim3(p.dim / (R), p.batch), (NT) * (R), 0, stream>>>(p)
+  selective_scan_fwd_rows_kernel<NT, NI, R, MINB, T><<<grid_of(p, R), (NT) * (R), 0, stream>>>(p)
 #define MMFM_LAUNCH_BWD(NT, NI, R, MINB) \
-  selective_scan_bwd_kernel<NT, NI, R, MINB, T><<<dim3(p.dim / (R), p.batch), (NT) * (R), 0, stream>>>(p)
+  selective_scan_bwd_kernel<NT, NI, R, MINB, T><<<grid_of(p, R), (NT) * (R), 0, stream>>>(p)
 
 // Alternative configurations, bf16 only, for benchmark sweeps (`variant` > 0; VARIANT_CHUNK in
 // kernels/selective_scan.py): (NT, NI) of the forward and of the backward, same chunk length.
@@ -568,6 +578,7 @@ bool launch_fwd(const Params& p, int ch, int variant, cudaStream_t stream) {
     if (variant == 12 && ch == 2048 && p.group_size % 2 == 0) MMFM_LAUNCH_FWD_ROWS(128, 16, 2, 2);
     else if (variant == 13 && ch == 2048 && p.group_size % 4 == 0) MMFM_LAUNCH_FWD_ROWS(128, 16, 4, 1);
     else if (variant == 14 && ch == 512 && p.group_size % 4 == 0) MMFM_LAUNCH_FWD_ROWS(32, 16, 4, 4);
+    else if (variant == 15 && ch == 512) MMFM_LAUNCH_FWD(32, 16, true, 16);  // the 512-step default's forward
     else return false;
     return true;
   }
@@ -590,7 +601,7 @@ bool launch_bwd(const Params& p, int ch, int variant, cudaStream_t stream) {
   }
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     switch (variant) { MMFM_VARIANTS(MMFM_BWD_CASE) }
-    if (variant >= 12 && variant <= 14 && ch == 256) {  // the rows variants differ in the forward only
+    if (variant >= 12 && variant <= 15 && ch == 256) {  // these variants differ in the forward only
       MMFM_LAUNCH_BWD_ROWS(32, 8, 4);
       return true;
     }

@@ -13,6 +13,7 @@ struct Params {
   int batch, dim, dstate, seqlen, group_size;
   int save_chunk, n_saved;  // states saved for the backward: at every multiple of save_chunk steps
   bool softplus;
+  bool batch_fast;  // grid (batch, D / rows) instead of (D / rows, batch): see block_d / block_b
   const void *u, *delta, *z, *B, *C, *dout;
   const float *A, *D, *delta_bias, *h0, *dhlast;
   void *out, *du, *ddelta, *dz;

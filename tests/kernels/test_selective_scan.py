@@ -415,17 +415,29 @@ class TestCUDA:
         x = make_inputs(2, 64, 5000, 16, has_z=True, dtype=torch.float32, device="cuda")
         assert_matches(x, dict(atol=1e-3, rtol=1e-3), softplus=True, config=dict(chunks=chunks), backend="cuda")
 
-    @pytest.mark.parametrize("variant", [12, 13, 14])
+    @pytest.mark.parametrize("variant", [12, 13, 14, 15])
     @pytest.mark.parametrize("seqlen, extras", [(700, False), (5000, True)])
     def test_forward_rows_variants(self, variant, seqlen, extras):
-        # bf16 sweep variants whose rows share B / C staged in shared memory (14 may become the 512-step
-        # default): outputs, last state and every gradient against the reference, odd lengths, grouped B / C
+        # bf16 sweep variants whose rows share B / C staged in shared memory (12-14) and 15 (the default
+        # single-row 512-step forward): outputs, last state and every gradient against the
+        # reference, odd lengths, grouped B / C
         x = make_inputs(
             2, 64, seqlen, 16, b_layout="group", c_layout="group", groups=4, has_d=extras, has_z=extras,
             has_bias=extras, dtype=torch.bfloat16, device="cuda",
         )  # fmt: skip
         h0 = torch.randn(2, 64, 16, device="cuda") if extras else None
         assert_matches(x, BF16_TOL, softplus=extras, initial_state=h0, config=dict(variant=variant), backend="cuda")
+
+    @pytest.mark.parametrize("variant, dtype", [(100, torch.float32), (100, torch.bfloat16), (114, torch.bfloat16)])
+    def test_batch_fastest_grid(self, variant, dtype):
+        # variant + 100 swaps the grid to (batch, D / rows): every block must still find its own row
+        x = make_inputs(
+            3, 64, 1500, 16, b_layout="group", c_layout="group", groups=4, has_d=True, has_z=True, has_bias=True,
+            dtype=dtype, device="cuda",
+        )  # fmt: skip
+        tol = BF16_TOL if dtype == torch.bfloat16 else dict(atol=1e-3, rtol=1e-3)
+        h0 = torch.randn(3, 64, 16, device="cuda")
+        assert_matches(x, tol, softplus=True, initial_state=h0, config=dict(variant=variant), backend="cuda")
 
     @pytest.mark.parametrize("dim, groups", [(24, 4), (24, 8), (24, 24)])
     def test_group_sizes_not_divisible_by_four(self, dim, groups):
