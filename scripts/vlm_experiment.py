@@ -163,6 +163,10 @@ def pretrain_encoder(cfg, out: Path, steps: int, n_images: int = 8192, seed: int
         for s in scene.shapes:
             shape_y[i, s.cell[1] * 3 + s.cell[0]] = SHAPES.index(s.kind)
             color_y[i, s.cell[1] * 3 + s.cell[0]] = COLOR_NAMES.index(s.color)
+    # seeded again: the LM, compressor and projector built above draw from the generator by amounts that
+    # depend on the setting (compressor width, vocabulary), and the head's init and the encoder's dropout must
+    # not, so that every setting of one seed starts from the same pre-trained encoder
+    torch.manual_seed(cfg.seed)
     head = torch.nn.Linear(f * f * encoder.embed_dim, len(SHAPES) + 1 + len(COLOR_NAMES) + 1)
 
     def cell_logits(x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 9, classes)
