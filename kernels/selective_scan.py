@@ -993,8 +993,8 @@ VARIANT_CHUNKS = {
     1: (2048, 256), 2: (512, 256), 3: (256, 256), 4: (512, 512), 5: (512, 512), 6: (2048, 256), 7: (2048, 512),
     8: (2048, 256), 9: (2048, 256), 10: (2048, 256), 11: (512, 256),
     12: (2048, 256), 13: (2048, 256), 14: (512, 256),  # forward rows sharing staged B / C (R = 2, 4, 4)
-    15: (512, 256),  # the default 512-step forward (one row per block) with the default backward
-}  # variant k + 100 (100: the defaults) runs variant k's kernels on a (batch, D) grid instead of (D, batch)
+    15: (512, 256),  # the 512-step forward with one row per block (default: 4 rows), the default backward
+}  # variant k + 100 (100: the defaults) runs variant k's backward on a (D, batch) grid instead of (batch, D)
 
 
 def _cuda_chunks(seqlen: int) -> tuple[int, int]:
@@ -1150,7 +1150,7 @@ def selective_scan(
     if chosen == "cuda":
         cfg = _config or {}
         variant = cfg.get("variant", 0)
-        if variant % 100:  # variant + 100: the same kernels on a batch-fastest grid
+        if variant % 100:  # variant + 100: the same kernels, the backward on a (D, batch) grid
             chunks = VARIANT_CHUNKS[variant % 100]
         elif "chunk" in cfg:
             chunks = (cfg["chunk"], cfg["chunk"])

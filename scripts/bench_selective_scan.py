@@ -8,6 +8,7 @@ possible the anchor is mamba-ssm's own PyTorch ``selective_scan_ref`` and the ou
 
     python scripts/bench_selective_scan.py --mamba-src PATH/mamba_ssm-2.2.6.post3 --out results/
     python scripts/bench_selective_scan.py --build-only --mamba-src ...   # compile the anchor, then exit
+    python scripts/bench_selective_scan.py --grids   # the backward's launch grid by batch size, both grids
 
 Shapes (batch, D, L, N), bf16 activations, fp32 A/D/delta_bias, input-dependent B/C (batch, N, L),
 delta_softplus=True as in Mamba's mixer: B4 D4096 L2048 N16 (with z), B64 D512 L196 N8 (MambaVision
@@ -17,6 +18,7 @@ stage, z=None), B1 D4096 L16384 N16 (with z).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -175,6 +177,38 @@ def measure(fn, inputs, dout, quick=False, fwd_only=False):
     return res
 
 
+GRID_SHAPES = [  # D, L, N, gated: the backward-grid sweep (--grids), each at batch 2..64
+    (4096, 2048, 16, True), (1536, 1024, 16, True), (1024, 784, 8, False), (512, 196, 8, False),
+]
+
+
+def backward_grid_sweep(out: Path) -> int:
+    """fwd+bwd ms of the CUDA path with its backward on the (batch, D) grid (the default) vs (D, batch)
+    (variant 100) by batch size; prints one line per shape and writes bench_selective_scan_grids.json."""
+    from mmfm.kernels.selective_scan import selective_scan
+
+    rows = []
+    for dim, seqlen, dstate, gated in GRID_SHAPES:
+        for batch in (2, 4, 8, 16, 32, 64):
+            if batch * dim * seqlen > 2**30:
+                continue
+            x = make_inputs(batch, dim, seqlen, dstate, gated)
+            dout = torch.randn(batch, dim, seqlen, device="cuda", dtype=torch.bfloat16)
+            ms = {}
+            for variant in (0, 100):
+                fn = functools.partial(selective_scan, delta_softplus=True, backend="cuda", _config=dict(variant=variant))
+                ms[variant] = measure(fn, x, dout)["fwdbwd_ms"]
+            rows.append(dict(batch=batch, dim=dim, seqlen=seqlen, dstate=dstate, batch_d_ms=ms[0], d_batch_ms=ms[100]))
+            print(f"B{batch} D{dim} L{seqlen} N{dstate}: fwd+bwd with the backward on (batch, D) {ms[0]:.3f} ms, "
+                  f"on (D, batch) {ms[100]:.3f} ms: x {ms[100] / ms[0]:.3f}", flush=True)
+            del x, dout
+            torch.cuda.empty_cache()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_selective_scan_grids.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+    return 0
+
+
 def max_rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
@@ -189,6 +223,11 @@ def main() -> int:
     p.add_argument("--skip-ref", action="store_true", help="skip the (slow) PyTorch references")
     p.add_argument("--sweep", nargs="?", const="all", choices=["all", "triton", "cuda"], default=None,
                    help="also time other block configurations (of the Triton kernels, the CUDA ones or both)")
+    p.add_argument("--variants", type=lambda v: [int(k) for k in v.split(",")], default=None,
+                   help="CUDA sweep: only these variants, e.g. 0,100,14 (VARIANT_CHUNKS; k + 100: the backward on "
+                        "a (D, batch) grid)")
+    p.add_argument("--grids", action="store_true",
+                   help="only the backward-grid sweep: (batch, D) vs (D, batch) by batch size (GRID_SHAPES)")
     p.add_argument("--no-mmfm-cuda", action="store_true", help="skip mmfm's CUDA C++ path (else built here)")
     p.add_argument("--bw-tbs", type=float, default=3.0, help="copy bandwidth for the floor (H100: ~3.0 TB/s)")
     args = p.parse_args()
@@ -205,6 +244,11 @@ def main() -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
 
+    if args.grids:
+        from mmfm.kernels import _cuda_ext
+
+        _cuda_ext.build("selective_scan")
+        return backward_grid_sweep(args.out)
     from mmfm.kernels.selective_scan import selective_scan, selective_scan_ref
 
     mamba_fn, mamba_ref, note = (None, None, "no --mamba-src: no mamba-ssm anchor")
@@ -275,8 +319,10 @@ def main() -> int:
 
             cuda_cfgs = [dict(chunk=c) for c in (256, 512, 1024, 2048)]
             cuda_cfgs += [dict(variant=k) for k, cs in VARIANT_CHUNKS.items() if max(cs) < 2 * seqlen or seqlen > 1024]
-            # the defaults and the best variants again on a batch-fastest grid
-            cuda_cfgs += [dict(variant=100 + k) for k in (0, 7, 14) if dict(variant=k) in cuda_cfgs or k == 0]
+            # the defaults and the best variants again with the backward on a (D, batch) grid
+            cuda_cfgs += [dict(variant=100 + k) for k in (0, 7) if dict(variant=k) in cuda_cfgs or k == 0]
+            if args.variants is not None:
+                cuda_cfgs = [dict(variant=k) for k in args.variants]
             for cfg in cuda_cfgs if has_cuda and args.sweep in ("all", "cuda") else ():
                 r = measure(mmfm_fn(cfg, "cuda"), x, dout)
                 r["err_vs_default"] = max_rel_err(mmfm_fn(cfg, "cuda")(**x), out)
@@ -304,16 +350,17 @@ def main() -> int:
     ]
     for row in rows:
         anc = row.get(anchor_key) if anchor_key else None
-        for key in ("mamba_cuda", "mmfm_cuda", "mmfm_triton", "mmfm_reference", "mamba_ref"):
-            if key not in row:
-                continue
-            r = row[key]
+        impls = [(key, row[key]) for key in ("mamba_cuda", "mmfm_cuda", "mmfm_triton", "mmfm_reference", "mamba_ref")
+                 if key in row]
+        impls += [(f"cuda variant {r['cfg']['cuda']['variant']}", r) for r in row.get("sweep", [])
+                  if "variant" in r["cfg"].get("cuda", {})]  # the Triton configs stay in the JSON
+        for label, r in impls:
             rf = f"{anc['fwd_ms'] / r['fwd_ms']:.3f}" if anc else "-"
             has_bwd = "fwdbwd_ms" in r
             rb = f"{anc['fwdbwd_ms'] / r['fwdbwd_ms']:.3f}" if anc and has_bwd else "-"
             fb = f"{r['fwdbwd_ms']:.3f}" if has_bwd else "-"
             pk = f"{r['peak_mib']:.0f}" if has_bwd else "-"
-            lines.append(f"| {row['shape']} | {key} | {r['fwd_ms']:.3f} | {fb} | {pk} | {rf} | {rb} |")
+            lines.append(f"| {row['shape']} | {label} | {r['fwd_ms']:.3f} | {fb} | {pk} | {rf} | {rb} |")
     table = "\n".join(lines)
     (args.out / "bench_selective_scan.md").write_text(
         f"device: {dev}, torch {torch.__version__}, {result['date_utc']} UTC\n{note}\n\n{table}\n"

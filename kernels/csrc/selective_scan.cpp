@@ -32,7 +32,7 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() 
 Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                    const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& h0,
-                   bool softplus, int save_chunk, int64_t variant) {
+                   bool softplus, int save_chunk) {
   check_chunk(save_chunk);
   const int64_t batch = u.size(0), dim = u.size(1), seqlen = u.size(2), dstate = A.size(1);
   check_row(u, "u", batch, dim, seqlen);
@@ -58,8 +58,6 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   p.save_chunk = save_chunk;
   p.n_saved = (seqlen + save_chunk - 1) / save_chunk;
   p.softplus = softplus;
-  // variant + 100: the same kernels on a batch-fastest grid (unless D exceeds its y extent)
-  p.batch_fast = variant >= 100 && dim <= 65535;
   p.u = u.data_ptr();
   p.delta = delta.data_ptr();
   p.B = B.data_ptr();
@@ -99,7 +97,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
                             int64_t variant) {
   const c10::cuda::CUDAGuard guard(u.device());
   check_chunk(int(chunk));
-  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, softplus, int(save_chunk), variant);
+  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, softplus, int(save_chunk));
   auto out = at::empty_like(u, at::MemoryFormat::Contiguous);
   auto f32 = u.options().dtype(at::kFloat);
   auto hlast = at::empty({p.batch, p.dim, p.dstate}, f32);
@@ -128,7 +126,12 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   TORCH_CHECK(u.is_contiguous() && delta.is_contiguous() && dout.is_contiguous() &&
                   (!z.has_value() || z->is_contiguous()),
               "the backward needs contiguous u, delta, z and dout");
-  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, softplus, int(chunk), variant);
+  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, h0, softplus, int(chunk));
+  // The backward runs on a (batch, D / rows) grid, as mamba-ssm's: co-resident blocks then add into different
+  // batch rows' dB / dC. 4-7% faster than (D / rows, batch) at D4096 L2048 and D1536 L1024 up to batch 16
+  // (H100; 1-5% slower at D1536 batch 32-64). The forward keeps (D, batch): 4% faster at B4 D4096 L2048
+  // (BENCHMARKS.md, 2026-12-07). Variant + 100, or D beyond the grid's y extent: (D / rows, batch).
+  p.batch_fast = variant < 100 && p.dim <= 65535;
   TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(), "dout must match u");
   TORCH_CHECK(hsave.numel() == int64_t(p.batch) * p.dim * p.n_saved * p.dstate,
               "hsave does not match the backward's chunk length");

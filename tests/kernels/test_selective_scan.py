@@ -418,9 +418,9 @@ class TestCUDA:
     @pytest.mark.parametrize("variant", [12, 13, 14, 15])
     @pytest.mark.parametrize("seqlen, extras", [(700, False), (5000, True)])
     def test_forward_rows_variants(self, variant, seqlen, extras):
-        # bf16 sweep variants whose rows share B / C staged in shared memory (12-14) and 15 (the default
-        # single-row 512-step forward): outputs, last state and every gradient against the
-        # reference, odd lengths, grouped B / C
+        # bf16 sweep variants whose rows share B / C staged in shared memory (12-14; 14 is the default
+        # 512-step forward) and 15 (its single-row form, the default when 4 does not divide the group size):
+        # outputs, last state and every gradient against the reference, odd lengths, grouped B / C
         x = make_inputs(
             2, 64, seqlen, 16, b_layout="group", c_layout="group", groups=4, has_d=extras, has_z=extras,
             has_bias=extras, dtype=torch.bfloat16, device="cuda",
@@ -429,8 +429,9 @@ class TestCUDA:
         assert_matches(x, BF16_TOL, softplus=extras, initial_state=h0, config=dict(variant=variant), backend="cuda")
 
     @pytest.mark.parametrize("variant, dtype", [(100, torch.float32), (100, torch.bfloat16), (114, torch.bfloat16)])
-    def test_batch_fastest_grid(self, variant, dtype):
-        # variant + 100 swaps the grid to (batch, D / rows): every block must still find its own row
+    def test_backward_on_channel_fastest_grid(self, variant, dtype):
+        # variant + 100 swaps the backward's grid from (batch, D / rows) to (D / rows, batch): every block
+        # must still find its own row
         x = make_inputs(
             3, 64, 1500, 16, b_layout="group", c_layout="group", groups=4, has_d=True, has_z=True, has_bias=True,
             dtype=dtype, device="cuda",
