@@ -3,8 +3,12 @@ the interpreter must be switched on before anything imports triton: then the Tri
 (small shapes) run in CI. Ops called with ``backend="auto"`` take the Triton path under the interpreter
 too, which is what the kernel and transformers-integration tests check."""
 
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
+import pytest
 import torch
 
 import mmfm  # noqa: F401  (first: from a checkout's root, `kernels/` must not shadow the PyPI `kernels`)
@@ -13,3 +17,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def load_script():
+    """Import ``scripts/<name>.py`` as a module (the scripts are not a package): ``load_script("vlm_experiment")``."""
+    root = Path(__file__).resolve().parents[1] / "scripts"
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

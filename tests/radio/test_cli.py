@@ -149,14 +149,8 @@ def test_pca_matches_numpy_svd():
         pca_rgb(torch.zeros(60, 4), (5, 5))
 
 
-def test_bench_script_tiny_smoke(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_radio.py"
-    spec = importlib.util.spec_from_file_location("bench_radio", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_bench_script_tiny_smoke(tmp_path, capsys, load_script):
+    mod = load_script("bench_radio")
     assert mod.main(["--tiny", "--device", "cpu", "--json", str(tmp_path / "b.json")]) == 0
     rows = json.loads((tmp_path / "b.json").read_text())
     assert [r["res"] for r in rows] == [64, 128]

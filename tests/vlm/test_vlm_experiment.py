@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "vlm_experiment.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("vlm_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class OracleCaptioner:
@@ -41,12 +30,12 @@ class OracleCaptioner:
 
 
 @pytest.mark.parametrize("style", ["grounded", "global"])
-def test_caption_word_accuracy_counts_each_kind_of_word(style):
+def test_caption_word_accuracy_counts_each_kind_of_word(style, load_script):
     from mmfm.data.synth import SHAPES
     from mmfm.data.tokenizer import synthetic_tokenizer
 
     tok = synthetic_tokenizer()
-    fn = _script().caption_word_accuracy
+    fn = load_script("vlm_experiment").caption_word_accuracy
     perfect = fn(OracleCaptioner(tok, set()), tok, style, 96, n=20)
     kinds = {"color", "shape", "text"} | ({"cell"} if style == "grounded" else set())
     assert set(perfect) - {"words"} == kinds and all(perfect[k] == 1.0 for k in kinds)
@@ -56,14 +45,14 @@ def test_caption_word_accuracy_counts_each_kind_of_word(style):
     assert no_shapes["shape"] == 0.0 and all(no_shapes[k] == 1.0 for k in kinds - {"shape"})
 
 
-def test_pretrain_encoder_is_deterministic_and_saves_the_trained_encoder(tmp_path):
+def test_pretrain_encoder_is_deterministic_and_saves_the_trained_encoder(tmp_path, load_script):
     """One seed gives one pre-trained encoder, whatever the compressor (its width changes how much the
     projector draws from the generator before the pre-training head is initialised)."""
     from mmfm.config import load_config
     from mmfm.vlm.build import load
     from mmfm.vlm.train import VLMTrainConfig
 
-    script = _script()
+    script = load_script("vlm_experiment")
     cfg = load_config(VLMTrainConfig, script.CONFIG, [])
     uncompressed = load_config(VLMTrainConfig, script.CONFIG, ["model.compressor=none"])
     a, acc = script.pretrain_encoder(cfg, tmp_path / "a", steps=3, n_images=520, batch=8)
@@ -78,11 +67,11 @@ def test_pretrain_encoder_is_deterministic_and_saves_the_trained_encoder(tmp_pat
     assert any(not torch.equal(enc_a[k], untrained[k]) for k in enc_a)  # the saved encoder is the trained one
 
 
-def test_pretrain_encoder_needs_whole_grid_cells(tmp_path):
+def test_pretrain_encoder_needs_whole_grid_cells(tmp_path, load_script):
     from mmfm.config import load_config
     from mmfm.vlm.train import VLMTrainConfig
 
-    script = _script()
+    script = load_script("vlm_experiment")
     cfg = load_config(VLMTrainConfig, script.CONFIG, ["model.image_size=64"])  # 4 tokens per side
     with pytest.raises(ValueError, match="not a multiple of 3"):
         script.pretrain_encoder(cfg, tmp_path, steps=1, n_images=520)
