@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mmfm.data.schemas import (
@@ -286,6 +287,29 @@ def render_scene(scene: Scene) -> Image.Image:
 # Grid scenes (images, vqa): 3x3 cells, at most one item per cell, so positions are unambiguous
 # --------------------------------------------------------------------------------------------------
 _ALL_CELLS = [(c, r) for r in range(3) for c in range(3)]
+
+
+def cell_labels(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell ground truth of grid scenes: (shape, colour) class indices, each (n, 9) in row-major cell
+    order; ``len(SHAPES)`` / ``len(COLOR_NAMES)`` marks an empty cell."""
+    shape = torch.full((len(scenes), 9), len(SHAPES))
+    color = torch.full((len(scenes), 9), len(COLOR_NAMES))
+    for i, scene in enumerate(scenes):
+        for s in scene.shapes:
+            shape[i, s.cell[1] * 3 + s.cell[0]] = SHAPES.index(s.kind)
+            color[i, s.cell[1] * 3 + s.cell[0]] = COLOR_NAMES.index(s.color)
+    return shape, color
+
+
+def tokens_by_cell(tokens: torch.Tensor) -> torch.Tensor:
+    """A square token grid over a grid scene, (n, side * side, d), -> (n, 9, (side / 3)^2 * d): the tokens
+    over each of the 3x3 cells (row-major), concatenated in row-major order within the cell."""
+    n, k, d = tokens.shape
+    side = round(k**0.5)
+    if side * side != k or side % 3:
+        raise ValueError(f"{k} tokens do not tile the 3x3 scene grid: need a square grid with a side divisible by 3")
+    f = side // 3
+    return tokens.reshape(n, 3, f, 3, f, d).permute(0, 1, 3, 2, 4, 5).reshape(n, 9, f * f * d)
 
 
 @dataclass

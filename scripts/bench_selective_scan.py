@@ -317,12 +317,14 @@ def main() -> int:
                 row["sweep"].append({"cfg": cfg, **r})
             from mmfm.kernels.selective_scan import VARIANT_CHUNKS
 
-            cuda_cfgs = [dict(chunk=c) for c in (256, 512, 1024, 2048)]
-            cuda_cfgs += [dict(variant=k) for k, cs in VARIANT_CHUNKS.items() if max(cs) < 2 * seqlen or seqlen > 1024]
-            # the defaults and the best variants again with the backward on a (D, batch) grid
-            cuda_cfgs += [dict(variant=100 + k) for k in (0, 7) if dict(variant=k) in cuda_cfgs or k == 0]
             if args.variants is not None:
                 cuda_cfgs = [dict(variant=k) for k in args.variants]
+            else:
+                cuda_cfgs = [dict(chunk=c) for c in (256, 512, 1024, 2048)]
+                cuda_cfgs += [dict(variant=k) for k, cs in VARIANT_CHUNKS.items()
+                              if max(cs) < 2 * seqlen or seqlen > 1024]
+                # the defaults and the best variants again with the backward on a (D, batch) grid
+                cuda_cfgs += [dict(variant=100 + k) for k in (0, 7) if dict(variant=k) in cuda_cfgs or k == 0]
             for cfg in cuda_cfgs if has_cuda and args.sweep in ("all", "cuda") else ():
                 r = measure(mmfm_fn(cfg, "cuda"), x, dout)
                 r["err_vs_default"] = max_rel_err(mmfm_fn(cfg, "cuda")(**x), out)

@@ -142,7 +142,7 @@ def pretrain_encoder(cfg, out: Path, steps: int, n_images: int = 8192, seed: int
     ``init_from``, and the encoder's per-cell shape / colour accuracy on the last 512 images, held out."""
     import torch.nn.functional as F
 
-    from mmfm.data.synth import COLOR_NAMES, SHAPES, render_scene, sample_scene
+    from mmfm.data.synth import COLOR_NAMES, SHAPES, cell_labels, render_scene, sample_scene, tokens_by_cell
     from mmfm.vlm.build import build_vlm, save_vlm
     from mmfm.vlm.conversation import image_to_tensor
 
@@ -157,12 +157,7 @@ def pretrain_encoder(cfg, out: Path, steps: int, n_images: int = 8192, seed: int
     f = grid // 3
     scenes = [sample_scene("images", i, seed=seed) for i in range(n_images)]  # the images of make_sample
     images = torch.stack([image_to_tensor(render_scene(scene), size) for scene in scenes])
-    shape_y = torch.full((n_images, 9), len(SHAPES))
-    color_y = torch.full((n_images, 9), len(COLOR_NAMES))
-    for i, scene in enumerate(scenes):
-        for s in scene.shapes:
-            shape_y[i, s.cell[1] * 3 + s.cell[0]] = SHAPES.index(s.kind)
-            color_y[i, s.cell[1] * 3 + s.cell[0]] = COLOR_NAMES.index(s.color)
+    shape_y, color_y = cell_labels(scenes)
     # seeded again: the LM, compressor and projector built above draw from the generator by amounts that
     # depend on the setting (compressor width, vocabulary), and the head's init and the encoder's dropout must
     # not, so that every setting of one seed starts from the same pre-trained encoder
@@ -170,9 +165,7 @@ def pretrain_encoder(cfg, out: Path, steps: int, n_images: int = 8192, seed: int
     head = torch.nn.Linear(f * f * encoder.embed_dim, len(SHAPES) + 1 + len(COLOR_NAMES) + 1)
 
     def cell_logits(x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 9, classes)
-        h = encoder(x).features  # (B, grid * grid, D)
-        h = h.view(len(x), 3, f, 3, f, -1).permute(0, 1, 3, 2, 4, 5).reshape(len(x), 9, -1)
-        return head(h)
+        return head(tokens_by_cell(encoder(x).features))  # features (B, grid * grid, D)
 
     encoder.requires_grad_(True)
     vlm.freeze_vision = False

@@ -23,21 +23,17 @@ STAGES = ("encoder", "compressor", "projector")
 
 def cell_features(model, images: torch.Tensor, batch: int = 128) -> dict[str, torch.Tensor]:
     """images (n, 3, S, S) -> {stage: (n, 9, d)}: the tokens over each cell of the 3x3 grid, concatenated."""
+    from mmfm.data.synth import tokens_by_cell
+
     grid = images.shape[-1] // model.vision_encoder.patch_size
     out: dict[str, list[torch.Tensor]] = {s: [] for s in STAGES}
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            x = images[i:i + batch]
-            enc = model.vision_encoder(x).features  # (b, grid * grid, D)
+            enc = model.vision_encoder(images[i:i + batch]).features  # (b, grid * grid, D)
             comp = model.compressor(enc, (grid, grid))
             comp = comp[0] if isinstance(comp, tuple) else comp  # (b, K, D')
             for stage, tokens in zip(STAGES, (enc, comp, model.projector(comp))):
-                side = int(round(tokens.shape[1] ** 0.5))
-                if side * side != tokens.shape[1] or side % 3:
-                    raise ValueError(f"{stage}: {tokens.shape[1]} tokens do not tile the 3x3 scene grid")
-                f = side // 3
-                cells = tokens.view(len(x), 3, f, 3, f, -1).permute(0, 1, 3, 2, 4, 5).reshape(len(x), 9, -1)
-                out[stage].append(cells)
+                out[stage].append(tokens_by_cell(tokens))
     return {s: torch.cat(v) for s, v in out.items()}
 
 
@@ -61,7 +57,7 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_fit: int, classes: int, s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mmfm.data.synth import SHAPES, render_scene, sample_scene
+    from mmfm.data.synth import SHAPES, cell_labels, render_scene, sample_scene
     from mmfm.vlm.build import load
     from mmfm.vlm.conversation import image_to_tensor
 
@@ -72,17 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     scenes = [sample_scene("images", i, seed=3) for i in range(args.n_images)]
-    shapes = torch.full((args.n_images, 9), len(SHAPES))  # len(SHAPES): empty cell
-    for i, scene in enumerate(scenes):
-        for s in scene.shapes:
-            shapes[i, s.cell[1] * 3 + s.cell[0]] = SHAPES.index(s.kind)
+    shapes, _ = cell_labels(scenes)  # len(SHAPES): empty cell
     n_fit = args.n_images * 3 // 4
+    images_at: dict[int, torch.Tensor] = {}  # rendered once per image size
     for path in args.models:
         model, _ = load(path)
         model.eval()
         size = model.config.image_size
-        images = torch.stack([image_to_tensor(render_scene(s), size) for s in scenes])
-        feats = cell_features(model, images)
+        if size not in images_at:
+            images_at[size] = torch.stack([image_to_tensor(render_scene(s), size) for s in scenes])
+        feats = cell_features(model, images_at[size])
         accs = {s: probe_accuracy(f, shapes, n_fit, len(SHAPES) + 1) for s, f in feats.items()}
         dims = {s: f.shape[-1] for s, f in feats.items()}
         print(f"{path}: held-out shape probe per cell " + ", ".join(f"{s} (dim {dims[s]}) {a:.3f}" for s, a in accs.items()),

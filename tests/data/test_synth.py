@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from mmfm.data import synth
 from mmfm.data.schemas import IMAGE_PLACEHOLDER, ConversationSample, ImageSample, RegionSample
@@ -258,3 +259,24 @@ def test_write_synthetic_calls_write_shards(tmp_path, monkeypatch) -> None:
                      "out_dir": tmp_path, "per_shard": 2}
     with pytest.raises(ValueError, match="samples_per_shard=0"):
         synth.write_synthetic("images", 3, tmp_path, samples_per_shard=0)
+
+
+def test_cell_labels_and_tokens_by_cell() -> None:
+    from mmfm.data.synth import COLOR_NAMES, SHAPES, cell_labels, sample_scene, tokens_by_cell
+
+    scenes = [sample_scene("images", i, seed=0) for i in range(4)]
+    shape, color = cell_labels(scenes)
+    for i, scene in enumerate(scenes):
+        occupied = {s.cell[1] * 3 + s.cell[0]: s for s in scene.shapes}
+        for c in range(9):
+            want = (SHAPES.index(occupied[c].kind), COLOR_NAMES.index(occupied[c].color)) if c in occupied else (
+                len(SHAPES), len(COLOR_NAMES))
+            assert (int(shape[i, c]), int(color[i, c])) == want
+    tokens = torch.arange(2 * 36 * 3, dtype=torch.float32).view(2, 36, 3)  # a 6x6 grid, 3 channels
+    cells = tokens_by_cell(tokens)
+    grid = tokens.view(2, 6, 6, 3)
+    for c in range(9):  # cell (row r, column k): grid rows 2r..2r+1, columns 2k..2k+1, row-major
+        r, k = divmod(c, 3)
+        assert torch.equal(cells[:, c], grid[:, 2 * r:2 * r + 2, 2 * k:2 * k + 2].reshape(2, -1))
+    with pytest.raises(ValueError, match="3x3 scene grid"):
+        tokens_by_cell(torch.zeros(1, 16, 3))  # 4x4 tokens
