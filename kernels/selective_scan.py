@@ -929,7 +929,7 @@ def _dtypes(*tensors) -> list:
 
 def _as_dtypes(dtypes, *grads) -> list:
     """fp32 gradients back to their inputs' dtypes; None where the input was None."""
-    return [g.to(t) if t is not None else None for g, t in zip(grads, dtypes)]
+    return [(g if g.dtype == t else g.to(t)) if t is not None else None for g, t in zip(grads, dtypes)]
 
 
 class _SelectiveScanTriton(torch.autograd.Function):
@@ -1021,6 +1021,9 @@ class _SelectiveScanCuda(torch.autograd.Function):
         out, hlast, hsave = ext.fwd(
             u, delta, Af, Bg, Cg, Df, z, bias, h0, delta_softplus, needs_grad, fwd_chunk, bwd_chunk, variant
         )
+        # an unused last state gets no zero-filled gradient (the kernel reads none): one launch less per
+        # backward, which counts at MambaVision sizes, where the host's launches take longer than the kernels
+        ctx.set_materialize_grads(False)
         if needs_grad:
             ctx.save_for_backward(u, delta, Af, Bg, Cg, Df, z, bias, h0, hsave)
             ctx.softplus, ctx.chunk, ctx.b_shape, ctx.c_shape = delta_softplus, (bwd_chunk, variant), B.shape, C.shape
@@ -1030,9 +1033,10 @@ class _SelectiveScanCuda(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dhlast):
         u, delta, A, Bg, Cg, D, z, bias, h0, hsave = ctx.saved_tensors
+        dout = torch.zeros_like(u) if dout is None else dout.contiguous()  # only the last state was used
         dhlast = dhlast.float().contiguous() if dhlast is not None else None
         du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = _cuda_ext().bwd(
-            u, delta, A, Bg, Cg, D, z, bias, h0, hsave, dout.contiguous(), dhlast, ctx.softplus, *ctx.chunk
+            u, delta, A, Bg, Cg, D, z, bias, h0, hsave, dout, dhlast, ctx.softplus, *ctx.chunk
         )
         dA, dB, dC, dD, dbias, dh0 = _as_dtypes(
             ctx.in_dtypes, dA, dB.view(ctx.b_shape), dC.view(ctx.c_shape), dD, dbias, dh0

@@ -138,9 +138,17 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   auto f32 = u.options().dtype(at::kFloat);
   auto du = at::empty_like(u), ddelta = at::empty_like(u);
   auto dz = z.has_value() ? at::empty_like(u) : at::empty({0}, u.options());
-  auto dA = at::zeros_like(A);
-  auto dB = at::zeros(B.sizes(), f32), dC = at::zeros(C.sizes(), f32);
-  auto dD = at::zeros({p.dim}, f32), ddelta_bias = at::zeros({p.dim}, f32);
+  // the atomically summed gradients start at zero: cudaMemsetAsync on the stream, not five fill kernels
+  // through the dispatcher (host time that shows at MambaVision sizes, where launches outlast the kernels)
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto zeroed = [&](at::IntArrayRef sizes) {
+    auto t = at::empty(sizes, f32);
+    C10_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0, t.numel() * sizeof(float), stream));
+    return t;
+  };
+  auto dA = zeroed(A.sizes());
+  auto dB = zeroed(B.sizes()), dC = zeroed(C.sizes());
+  auto dD = zeroed({p.dim}), ddelta_bias = zeroed({p.dim});
   auto dh0 = at::empty({p.batch, p.dim, p.dstate}, f32);
   p.dout = dout.data_ptr();
   p.dout_sb = dout.stride(0), p.dout_sd = dout.stride(1);
@@ -157,7 +165,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   p.dh0 = dh0.data_ptr<float>();
   if (p.seqlen > 0 && p.batch > 0 && p.dim > 0)
     MMFM_DISPATCH_DTYPE(u.scalar_type(), [&] {
-      TORCH_CHECK(launch_bwd<T>(p, int(chunk), int(variant % 100), c10::cuda::getCurrentCUDAStream()),
+      TORCH_CHECK(launch_bwd<T>(p, int(chunk), int(variant % 100), stream),
                   "no selective scan variant ", variant, " for ", u.scalar_type());
     });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -63,7 +63,9 @@ __device__ __forceinline__ Pair block_exclusive_scan(Pair v, Pair* warp_tot) {
   for (int off = 1; off < 32; off <<= 1) {
     const float pa = REV ? __shfl_down_sync(kFull, inc.a, off) : __shfl_up_sync(kFull, inc.a, off);
     const float pb = REV ? __shfl_down_sync(kFull, inc.b, off) : __shfl_up_sync(kFull, inc.b, off);
-    if (REV ? lane + off < 32 : lane >= off) inc = compose({pa, pb}, inc);
+    // lanes without a partner compose with the identity: selects instead of a predicated update (fewer moves)
+    const bool has = REV ? lane + off < 32 : lane >= off;
+    inc = compose({has ? pa : 1.f, has ? pb : 0.f}, inc);
   }
   const float ea = REV ? __shfl_down_sync(kFull, inc.a, 1) : __shfl_up_sync(kFull, inc.a, 1);
   const float eb = REV ? __shfl_down_sync(kFull, inc.b, 1) : __shfl_up_sync(kFull, inc.b, 1);
@@ -102,6 +104,33 @@ __device__ __forceinline__ void load_items(const T* __restrict__ p, int valid, f
   } else {
 #pragma unroll
     for (int i = 0; i < NI; ++i) v[i] = i < valid ? to_float(p[i]) : 0.f;
+  }
+}
+
+// As load_items, but keeps the items in T (two bf16 / fp16 per register): the forward holds B and C of a
+// state this way, which frees the registers that fp32 copies took (the 2048-step forward spilled).
+template <typename T, int NI>
+__device__ __forceinline__ void load_raw(const T* __restrict__ p, int valid, T (&v)[NI]) {
+  constexpr bool kVec = (NI * sizeof(T)) % 16 == 0;
+  if (kVec && valid >= NI && (reinterpret_cast<std::uintptr_t>(p) & 15) == 0) {
+#pragma unroll
+    for (int k = 0; k < int(NI * sizeof(T) / 16); ++k)
+      reinterpret_cast<uint4*>(v)[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
+  } else {
+#pragma unroll
+    for (int i = 0; i < NI; ++i) v[i] = i < valid ? p[i] : T(0.f);
+  }
+}
+
+// Item i of load_raw's array as float. bf16 pairs share a 32-bit word: the high item is the word with its
+// low half masked off, one instruction instead of an extract and a shift.
+template <typename T, int NI>
+__device__ __forceinline__ float raw_item(const T (&v)[NI], int i) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && NI % 2 == 0) {
+    const uint32_t w = reinterpret_cast<const uint32_t*>(v)[i / 2];
+    return __uint_as_float(i % 2 ? (w & 0xffff0000u) : (w << 16));
+  } else {
+    return to_float(v[i]);
   }
 }
 
@@ -182,22 +211,28 @@ __global__ void __launch_bounds__(NT, MINB) selective_scan_fwd_kernel(Params p) 
       acc[i] = Dskip * uv[i];
       uv[i] *= dt[i];  // dt * u from here on
     }
-    float Bv[NI], Cv[NI];
-    load_items<T, NI>(Bp + t0, valid, Bv);
+    // B and C stay in T until used (alignas: vector loads); the row pointers step by one state per pass
+    alignas(16) T Bv[NI];
+    alignas(16) T Cv[NI];
+    const T* Bn = Bp + t0;
+    const T* Cn = Cp + t0;
+    load_raw<T, NI>(Bn, valid, Bv);
     for (int n = 0; n < N; ++n) {
-      load_items<T, NI>(Cp + n * p.C_sn + t0, valid, Cv);  // needed after the scan: issued first
+      load_raw<T, NI>(Cn, valid, Cv);  // needed after the scan: issued first
+      Cn += p.C_sn;
       const float A2 = A[n] * kLog2e;
       float a[NI], bb[NI];  // PQ: the inclusive prefix maps P, Q of this thread's steps
-      Pair agg = {1.f, 0.f};
+      Pair agg;
 #pragma unroll
       for (int i = 0; i < NI; ++i) {
         const float ai = exp2f(dt[i] * A2);  // dt = 0 past the end: the identity step
-        const float bi = uv[i] * Bv[i];
-        agg = compose(agg, {ai, bi});
+        const float bi = uv[i] * raw_item<T, NI>(Bv, i);
+        agg = i == 0 ? Pair{ai, bi} : compose(agg, {ai, bi});
         a[i] = PQ ? agg.a : ai;
         bb[i] = PQ ? agg.b : bi;
       }
-      if (n + 1 < N) load_items<T, NI>(Bp + (n + 1) * p.B_sn + t0, valid, Bv);  // next state's B, early
+      Bn += p.B_sn;
+      if (n + 1 < N) load_raw<T, NI>(Bn, valid, Bv);  // next state's B, early
       const Pair ex = block_exclusive_scan<NT, false>(agg, warp_tot[scans++ & 1]);
       const float h_in = h_run[c & 1][n];
       float h = fmaf(ex.a, h_in, ex.b);
@@ -205,7 +240,7 @@ __global__ void __launch_bounds__(NT, MINB) selective_scan_fwd_kernel(Params p) 
 #pragma unroll
       for (int i = 0; i < NI; ++i) {
         h = PQ ? fmaf(a[i], h0, bb[i]) : fmaf(a[i], h, bb[i]);
-        acc[i] = fmaf(Cv[i], h, acc[i]);
+        acc[i] = fmaf(raw_item<T, NI>(Cv, i), h, acc[i]);
       }
       if (saves) hsave[n] = h;
       if (tid == NT - 1) {  // the last thread's state is the chunk's end state
