@@ -177,6 +177,42 @@ def measure(fn, inputs, dout, quick=False, fwd_only=False):
     return res
 
 
+def host_and_graph_ms(fn, inputs, dout) -> dict:
+    """Where eager fwd+bwd time goes: the host's time to enqueue one fwd+bwd while the GPU is held busy (so the
+    host never waits on it), and the GPU time of the same fwd+bwd replayed from a CUDA graph (no host work).
+    When host_fwdbwd_ms exceeds graph_fwdbwd_ms, eager timings measure the host, not the kernels."""
+    import triton
+
+    leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
+    grads = [v for v in leaves.values() if v is not None]
+
+    def fwdbwd():
+        for g in grads:
+            g.grad = None
+        fn(**leaves).backward(dout)
+
+    fwdbwd()
+    torch.cuda.synchronize()
+    reps = 30
+    torch.cuda._sleep(300_000_000)  # ~0.2 s of GPU work queued ahead of the enqueues below
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fwdbwd()
+    host_ms = (time.perf_counter() - t0) / reps * 1e3
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()  # graph capture wants warm-up on a side stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fwdbwd()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fwdbwd()
+    graph_ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    return {"host_fwdbwd_ms": host_ms, "graph_fwdbwd_ms": graph_ms}
+
+
 GRID_SHAPES = [  # D, L, N, gated: the backward-grid sweep (--grids), each at batch 2..64
     (4096, 2048, 16, True), (1536, 1024, 16, True), (1024, 784, 8, False), (512, 196, 8, False),
 ]
@@ -229,6 +265,8 @@ def main() -> int:
     p.add_argument("--grids", action="store_true",
                    help="only the backward-grid sweep: (batch, D) vs (D, batch) by batch size (GRID_SHAPES)")
     p.add_argument("--no-mmfm-cuda", action="store_true", help="skip mmfm's CUDA C++ path (else built here)")
+    p.add_argument("--host", action="store_true",
+                   help="also time the host's enqueue of one fwd+bwd and its CUDA-graph replay (CUDA paths)")
     p.add_argument("--bw-tbs", type=float, default=3.0, help="copy bandwidth for the floor (H100: ~3.0 TB/s)")
     args = p.parse_args()
     if args.build_only:  # may run without a GPU when TORCH_CUDA_ARCH_LIST is set
@@ -297,6 +335,11 @@ def main() -> int:
             if mamba_fn is not None:
                 row["err_cuda_vs_mamba"] = max_rel_err(out_cuda, anchor_fn(**x))
             row["mmfm_cuda"] = measure(mmfm_fn(backend="cuda"), x, dout)
+        if args.host:
+            for key, fn in (("mamba_cuda", anchor_fn if mamba_fn else None),
+                            ("mmfm_cuda", mmfm_fn(backend="cuda") if has_cuda else None)):
+                if fn is not None:
+                    row[key].update(host_and_graph_ms(fn, x, dout))
         if not args.skip_ref:
             row["err_vs_ref"] = max_rel_err(out, ref_fn(**x))
             # the reference's autograd graph of 16k steps is slow and large: forward only there
@@ -369,6 +412,12 @@ def main() -> int:
     )
     print(table)
     print("(x anchor = anchor time / impl time: above 1 is faster than mamba-ssm CUDA)")
+    for row in rows:
+        for key in ("mamba_cuda", "mmfm_cuda"):
+            if "host_fwdbwd_ms" in row.get(key, {}):
+                r = row[key]
+                print(f"{row['shape']} {key}: host enqueue {r['host_fwdbwd_ms']:.3f} ms, CUDA-graph replay "
+                      f"{r['graph_fwdbwd_ms']:.3f} ms, eager {r['fwdbwd_ms']:.3f} ms (fwd+bwd)")
     return 0
 
 
