@@ -465,6 +465,38 @@ class TestCUDA:
         ss.selective_scan(**x)  # auto: Triton
 
 
+def grads_through_one_output(inputs, backend, which):
+    """Gradients when only ``out`` or only the last state feeds the loss (the other output gets no cotangent)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
+    out, last = ss.selective_scan(**leaves, delta_softplus=True, return_last_state=True, backend=backend)
+    g = torch.Generator().manual_seed(7)
+    used = out if which == "out" else last
+    cot = torch.randn(used.shape, generator=g).to(used.device, used.dtype)
+    (used.float() * cot.float()).sum().backward()
+    # the reference leaves inputs the loss does not reach (C, D, z for the last state) at None, kernels at 0
+    return {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("which", ["out", "last"])
+@pytest.mark.parametrize(
+    "backend", ["triton", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])],
+)
+def test_gradient_through_one_output_only(backend, which):
+    # the unused output's gradient is None (the CUDA path does not materialise zeros): both must still work
+    device = "cuda" if backend == "cuda" else "cpu"
+    if backend == "cuda":
+        from mmfm.kernels import _cuda_ext
+
+        _cuda_ext.build("selective_scan")
+    x = make_inputs(2, 8, 40, 4, has_d=True, has_z=True, has_bias=True, device=device)
+    got = grads_through_one_output(x, backend, which)
+    ref = grads_through_one_output(x, "reference", which)
+    assert set(got) == set(ref)
+    for name in got:
+        torch.testing.assert_close(got[name], ref[name], **FP32_TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_cuda_backend_without_the_extension_says_how_to_get_it():
     x = make_inputs()
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available here"):
