@@ -109,13 +109,18 @@ __device__ __forceinline__ void load_items(const T* __restrict__ p, int valid, f
 
 // As load_items, but keeps the items in T (two bf16 / fp16 per register): the forward holds B and C of a
 // state this way, which frees the registers that fp32 copies took (the 2048-step forward spilled).
-template <typename T, int NI>
+// VEC8: also 8-byte vector loads (the 4-row forward's staging slices of 4 bf16 / fp16; off elsewhere, where
+// the extra branch made the 256-step forward 7% slower at MambaVision's shape on an H100).
+template <typename T, int NI, bool VEC8 = false>
 __device__ __forceinline__ void load_raw(const T* __restrict__ p, int valid, T (&v)[NI]) {
   constexpr bool kVec = (NI * sizeof(T)) % 16 == 0;
+  constexpr bool kVec8 = VEC8 && NI * sizeof(T) == 8;
   if (kVec && valid >= NI && (reinterpret_cast<std::uintptr_t>(p) & 15) == 0) {
 #pragma unroll
     for (int k = 0; k < int(NI * sizeof(T) / 16); ++k)
       reinterpret_cast<uint4*>(v)[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
+  } else if (kVec8 && valid >= NI && (reinterpret_cast<std::uintptr_t>(p) & 7) == 0) {
+    *reinterpret_cast<uint2*>(v) = __ldg(reinterpret_cast<const uint2*>(p));
   } else {
 #pragma unroll
     for (int i = 0; i < NI; ++i) v[i] = i < valid ? p[i] : T(0.f);
@@ -160,7 +165,7 @@ __device__ __forceinline__ void load_shared(const T* p, float (&v)[NI]) {
     for (int k = 0; k < int(NI * sizeof(T) / 16); ++k)
       reinterpret_cast<uint4*>(tmp)[k] = reinterpret_cast<const uint4*>(p)[k];
 #pragma unroll
-    for (int i = 0; i < NI; ++i) v[i] = to_float(tmp[i]);
+    for (int i = 0; i < NI; ++i) v[i] = raw_item<T, NI>(tmp, i);
   } else {
 #pragma unroll
     for (int i = 0; i < NI; ++i) v[i] = to_float(p[i]);
@@ -294,17 +299,19 @@ __global__ void __launch_bounds__(NT * R, MINB) selective_scan_fwd_rows_kernel(P
   const int j0 = threadIdx.x * SLICE;
   const int stage_at = j0 + (j0 / NI / 4) * PAD;
   const int read_at = tid * NI + (tid / 4) * PAD;
+  // B and C are copied as T, not through float; one 8-byte (bf16 / fp16) or 16-byte (fp32) store each: the
+  // slice's place is that aligned (j0 * sizeof(T) is a multiple of it, PAD is 16 bytes)
+  using Slice = std::conditional_t<SLICE * sizeof(T) == 16, uint4, uint2>;
+  static_assert(SLICE * sizeof(T) == sizeof(Slice), "a staging slice is one 8- or 16-byte word");
   auto stage = [&](int buf, int n, int c) {
     const int t_first = c * CHUNK + j0;
     const int v = min(SLICE, p.seqlen - t_first);
-    float bs[SLICE], cs[SLICE];
-    load_items<T, SLICE>(Bp + n * p.B_sn + t_first, v, bs);
-    load_items<T, SLICE>(Cp + n * p.C_sn + t_first, v, cs);
-#pragma unroll
-    for (int i = 0; i < SLICE; ++i) {
-      bc[(buf * 2) * SMEM_ROW + stage_at + i] = static_cast<T>(bs[i]);
-      bc[(buf * 2 + 1) * SMEM_ROW + stage_at + i] = static_cast<T>(cs[i]);
-    }
+    alignas(16) T bs[SLICE];
+    alignas(16) T cs[SLICE];
+    load_raw<T, SLICE, true>(Bp + n * p.B_sn + t_first, v, bs);
+    load_raw<T, SLICE, true>(Cp + n * p.C_sn + t_first, v, cs);
+    *reinterpret_cast<Slice*>(bc + (buf * 2) * SMEM_ROW + stage_at) = *reinterpret_cast<const Slice*>(bs);
+    *reinterpret_cast<Slice*>(bc + (buf * 2 + 1) * SMEM_ROW + stage_at) = *reinterpret_cast<const Slice*>(cs);
   };
   int scans = 0, sbuf = 0;
   const int n_chunks = (p.seqlen + CHUNK - 1) / CHUNK;
