@@ -128,6 +128,13 @@ def floor_ms(batch, dim, seqlen, dstate, gated, bw_tbs):
     return act / (bw_tbs * 1e12) * 1e3
 
 
+def grad_leaves(inputs) -> tuple[dict, list]:
+    """Fresh leaf copies of ``inputs`` that require grad (None stays None), and the list of them for
+    do_bench's ``grad_to_none``."""
+    leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
+    return leaves, [v for v in leaves.values() if v is not None]
+
+
 def measure(fn, inputs, dout, quick=False, fwd_only=False):
     """-> dict(fwd_ms, fwdbwd_ms, peak_mib) for fn(**inputs) -> out (fwd_ms only when fwd_only)."""
     import triton
@@ -138,10 +145,7 @@ def measure(fn, inputs, dout, quick=False, fwd_only=False):
         with torch.no_grad():
             fn(**args)
 
-    leaves = {
-        k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in args.items()
-    }
-    grads = [v for v in leaves.values() if v is not None]
+    leaves, grads = grad_leaves(args)
 
     def fwdbwd():
         out = fn(**leaves)
@@ -183,8 +187,7 @@ def host_and_graph_ms(fn, inputs, dout) -> dict:
     When host_fwdbwd_ms exceeds graph_fwdbwd_ms, eager timings measure the host, not the kernels."""
     import triton
 
-    leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
-    grads = [v for v in leaves.values() if v is not None]
+    leaves, grads = grad_leaves(inputs)
 
     def fwdbwd():
         for g in grads:

@@ -59,11 +59,12 @@ def make_inputs(
     )
 
 
-def run_with_grads(inputs, backend, softplus=True, initial_state=None, config=None, cot_dtype=None):
+def run_with_grads(inputs, backend, softplus=True, initial_state=None, config=None, cot_dtype=None, feed="both"):
     """Forward (with last state) and backward with fixed random cotangents -> (out, last, grads by name).
 
     The cotangent of ``out`` is rounded to ``cot_dtype`` (default: out's dtype) so that a bf16 run and
-    its fp32 reference see the same values."""
+    its fp32 reference see the same values. ``feed``: "both", or only "out" / "last" in the loss (the other
+    output then gets no gradient at all); inputs the loss does not reach get zero gradients."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
     h0 = initial_state.detach().clone().requires_grad_(True) if initial_state is not None else None
     kwargs = dict(backend=backend, initial_state=h0)
@@ -76,8 +77,10 @@ def run_with_grads(inputs, backend, softplus=True, initial_state=None, config=No
     g = torch.Generator().manual_seed(123)
     dout = torch.randn(out.shape, generator=g).to(cot_dtype or out.dtype).to(out.device, out.dtype)
     dlast = torch.randn(last.shape, generator=g).to(last.device, last.dtype)
-    ((out.float() * dout.float()).sum() + (last * dlast).sum()).backward()
-    grads = {k: v.grad for k, v in leaves.items()}
+    terms = {"out": (out.float() * dout.float()).sum(), "last": (last * dlast).sum()}
+    sum(t for name, t in terms.items() if feed in ("both", name)).backward()
+    # the reference leaves inputs the loss does not reach (C, D, z for the last state) at None, kernels at 0
+    grads = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items()}
     if h0 is not None:
         grads["initial_state"] = h0.grad
     return out, last, grads
@@ -465,18 +468,6 @@ class TestCUDA:
         ss.selective_scan(**x)  # auto: Triton
 
 
-def grads_through_one_output(inputs, backend, which):
-    """Gradients when only ``out`` or only the last state feeds the loss (the other output gets no cotangent)."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if v is not None}
-    out, last = ss.selective_scan(**leaves, delta_softplus=True, return_last_state=True, backend=backend)
-    g = torch.Generator().manual_seed(7)
-    used = out if which == "out" else last
-    cot = torch.randn(used.shape, generator=g).to(used.device, used.dtype)
-    (used.float() * cot.float()).sum().backward()
-    # the reference leaves inputs the loss does not reach (C, D, z for the last state) at None, kernels at 0
-    return {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items()}
-
-
 @pytest.mark.parametrize("which", ["out", "last"])
 @pytest.mark.parametrize(
     "backend", ["triton", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -490,8 +481,8 @@ def test_gradient_through_one_output_only(backend, which):
 
         _cuda_ext.build("selective_scan")
     x = make_inputs(2, 8, 40, 4, has_d=True, has_z=True, has_bias=True, device=device)
-    got = grads_through_one_output(x, backend, which)
-    ref = grads_through_one_output(x, "reference", which)
+    got = run_with_grads(x, backend, feed=which)[2]
+    ref = run_with_grads(x, "reference", feed=which)[2]
     assert set(got) == set(ref)
     for name in got:
         torch.testing.assert_close(got[name], ref[name], **FP32_TOL, msg=lambda m, n=name: f"{n}: {m}")
