@@ -15,14 +15,14 @@ The Triton path splits the sequence into chunks of ``chunk_size`` (the SSD algor
 
 1. ``dt`` pre-processing and the per-chunk cumulative sum of ``dt * A`` (cheap, in PyTorch so that
    autograd handles ``dt``, ``A`` and ``dt_bias``).
-2. ``_chunk_state_fwd``: the state each chunk produces from zero, ``(B, nchunks, H, P, N)``.
-3. ``_state_passing_fwd``: a sequential pass over chunks gives the state entering every chunk.
-4. ``_chunk_cb_fwd``: ``C B^T`` of every chunk, once per group (its heads share it).
-5. ``_chunk_scan_fwd``: output = intra-chunk (masked, decayed ``C B^T`` "attention") + entering state
+2. ``_state_scan_fwd``: one pass over the chunks in order gives the state entering every chunk,
+   ``(B, nchunks, H, P, N)``, adding each chunk's contribution as it goes (no per-chunk state buffer).
+3. ``_chunk_cb_fwd``: ``C B^T`` of every chunk, once per group (its heads share it).
+4. ``_chunk_scan_fwd``: output = intra-chunk (masked, decayed ``C B^T`` "attention") + entering state
    read out through ``C`` + ``D`` skip.
 
-The backward mirrors this: the gradient reaching each chunk-entry state from the outputs
-(``_chunk_dstate_bwd``), a reverse pass over chunks (``_state_passing_bwd``), ``C B^T`` again, then
+The backward mirrors this: a reverse pass over chunks (``_dstate_scan_bwd``) gives the gradient of the
+state leaving every chunk (adding each chunk's direct share from its outputs as it goes), ``C B^T`` again, then
 ``_chunk_dx_bwd`` (per head: ``dx``, ``ddt``, ``dD`` and the leaving-state part of the cumulative-sum
 gradient), ``_chunk_dcb_bwd`` (per group: the gradient of ``C B^T``, summed over the group's heads, and
 the intra-chunk part of the cumulative-sum gradient) and ``_chunk_dbc_bwd`` (per group: ``dB`` and
@@ -264,42 +264,61 @@ if triton is not None:
         return pid_bc, bi, pid_bc % NC, g, g * HPG + hh, blk
 
     @triton.jit
-    def _chunk_state_fwd(
-        x_ptr, b_ptr, dt_ptr, cs_ptr, sid_ptr, st_ptr,
+    def _state_scan_fwd(
+        x_ptr, b_ptr, dt_ptr, cs_ptr, sid_ptr, init_ptr, out_ptr, final_ptr,
         L, H, NC, Q, P, N, HPG,
         sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
-        HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-        BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+        BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
-        # State chunk c produces from zero, one (BP, BN) block of it: sum_k (x[k] r[k])^T B[k],
-        # r = decay to the chunk end * dt, the chunk walked in BK-long slices.
+        # One (BP, BN) block of the state ENTERING every chunk, walking the chunks in order:
+        #   S_in[c+1] = exp(cs[c, last]) S_in[c] + sum_k (x[k] r[k])^T B[k],  r = decay to the chunk end * dt.
+        # One pass instead of "every chunk's state from zero" then "pass them along": the per-chunk
+        # fp32 states never go to memory. out holds S_in[c] in x's dtype (half the later reads); the
+        # running state stays fp32. Each loop step loads one whole chunk of x and B, so the software
+        # pipeline overlaps the next chunk's loads with this chunk's product.
         npb = tl.cdiv(P, BP)
-        pid_bc, bi, c, g, h, pid_pn = _tile_ids(NC, HPG, npb * tl.cdiv(N, BN))
+        pid = tl.program_id(0)
+        g = tl.program_id(1)
+        pid_pn = pid % (npb * tl.cdiv(N, BN))
+        h = g * HPG + (pid // (npb * tl.cdiv(N, BN))) % HPG
+        bi = (pid // (npb * tl.cdiv(N, BN) * HPG)).to(tl.int64)
         op = (pid_pn % npb) * BP + tl.arange(0, BP)
         on = (pid_pn // npb) * BN + tl.arange(0, BN)
-        base = ((bi * H + h) * NC + c) * Q
-        cs_last = tl.load(cs_ptr + base + Q - 1)
+        ok = tl.arange(0, BQ)
+        mpn = (op[:, None] < P) & (on[None, :] < N)
+        soff = op[:, None] * N + on[None, :]
+        if HAS_INIT:
+            s = tl.load(init_ptr + (bi * H + h) * P * N + soff, mask=mpn, other=0.0).to(tl.float32)
+        else:
+            s = tl.zeros((BP, BN), dtype=tl.float32)
+        s_prev = 0
         if HAS_SEQ:
-            s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
-        acc = tl.zeros((BP, BN), dtype=tl.float32)
-        for k0 in range(0, Q, BK):
-            ok = k0 + tl.arange(0, BK)
+            s_prev = tl.load(sid_ptr + bi * ssb)
+        for c in range(NC):
+            tl.store(out_ptr + (((bi * NC + c) * H + h) * P) * N + soff, s.to(out_ptr.dtype.element_ty), mask=mpn)
+            base = ((bi * H + h) * NC + c) * Q
             pos = c * Q + ok
             valid = (ok < Q) & (pos < L)
+            cs_last = tl.load(cs_ptr + base + Q - 1)
             dt = tl.load(dt_ptr + base + ok, mask=ok < Q, other=0.0)
             cs = tl.load(cs_ptr + base + ok, mask=ok < Q, other=0.0)
             r = tl.where(valid, tl.exp(cs_last - cs) * dt, 0.0)
+            gdec = tl.exp(cs_last)
             if HAS_SEQ:
+                # only the chunk's last sequence reaches its end; a new sequence drops the carried state
+                s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
                 sid = tl.load(sid_ptr + bi * ssb + pos * ssl, mask=valid, other=-1)
                 r = tl.where(sid == s_end, r, 0.0)
+                gdec = tl.where(s_end == s_prev, gdec, 0.0)
+                s_prev = s_end
             xv = tl.load(x_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
                          mask=valid[:, None] & (op[None, :] < P), other=0.0)
             bv = tl.load(b_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
                          mask=valid[:, None] & (on[None, :] < N), other=0.0)
             xr = (xv.to(tl.float32) * r[:, None]).to(xv.dtype)
-            acc += tl.dot(tl.trans(xr).to(DOT), bv.to(DOT), input_precision=PREC)
-        out = st_ptr + (((bi * NC + c) * H + h) * P) * N
-        tl.store(out + op[:, None] * N + on[None, :], acc, mask=(op[:, None] < P) & (on[None, :] < N))
+            s = gdec * s + tl.dot(tl.trans(xr).to(DOT), bv.to(DOT), input_precision=PREC)
+        tl.store(final_ptr + (bi * H + h) * P * N + soff, s, mask=mpn)
 
     @triton.jit
     def _chunk_cb_fwd(
@@ -334,38 +353,6 @@ if triton is not None:
             acc = tl.where(sid_m[:, None] == sid_s[None, :], acc, 0.0)
         out = cb_ptr + ((bi * NC + c) * G + g) * Q * Q
         tl.store(out + om[:, None] * Q + os[None, :], acc, mask=(om[:, None] < Q) & (os[None, :] < Q))
-
-    @triton.jit
-    def _state_passing_fwd(
-        st_ptr, out_ptr, init_ptr, cs_ptr, sid_ptr, final_ptr,
-        L, H, NC, Q, PN, ssb, ssl,
-        HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        # out[c] = the state ENTERING chunk c, from st[c] = the state chunk c makes from zero (fp32).
-        # out may be st itself (fp32, in place) or a half-precision buffer (half the traffic of the
-        # later reads, as mamba-ssm stores them); the running state stays fp32.
-        bi = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        o = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
-        m = o < PN
-        if HAS_INIT:
-            s = tl.load(init_ptr + (bi * H + h) * PN + o, mask=m, other=0.0).to(tl.float32)
-        else:
-            s = tl.zeros((BLOCK,), dtype=tl.float32)
-        s_prev = 0
-        if HAS_SEQ:
-            s_prev = tl.load(sid_ptr + bi * ssb)
-        for c in range(NC):
-            off = ((bi * NC + c) * H + h) * PN + o
-            new = tl.load(st_ptr + off, mask=m, other=0.0)
-            tl.store(out_ptr + off, s.to(out_ptr.dtype.element_ty), mask=m)
-            gdec = tl.exp(tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + Q - 1))
-            if HAS_SEQ:
-                s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
-                gdec = tl.where(s_end == s_prev, gdec, 0.0)
-                s_prev = s_end
-            s = gdec * s + new
-        tl.store(final_ptr + (bi * H + h) * PN + o, s, mask=m)
 
     @triton.jit
     def _chunk_scan_fwd(
@@ -431,76 +418,60 @@ if triton is not None:
         )
 
     @triton.jit
-    def _chunk_dstate_bwd(
-        dy_ptr, c_ptr, cs_ptr, sid_ptr, ds_ptr,
+    def _dstate_scan_bwd(
+        dy_ptr, c_ptr, cs_ptr, sid_ptr, st_ptr, dfinal_ptr, out_ptr, dinit_ptr, dg_ptr,
         L, H, NC, Q, P, N, HPG,
         sxb, sxl, sxh, sbb, sbl, sbg, ssb, ssl,
-        HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+        HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
         BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
-        # Gradient reaching chunk c's entering state directly from chunk c's outputs:
-        # dS[p, n] = sum_l q[l] dy[l, p] C[l, n].
-        pid_bc, bi, c, g, h, _ = _tile_ids(NC, HPG, 1)
+        # The forward state pass in reverse, one (BP, BN) block: out[c] = the gradient of the state LEAVING
+        # chunk c (stored in the states' dtype), walking the chunks backwards:
+        #   d_leave[c-1] = dS_direct[c] + exp(cs[c, last]) d_leave[c],  dS_direct[c] = sum_l q[l] dy[l]^T C[l]
+        # (q = decay from the chunk start), and dg[c, block] = exp(cs[c, last]) <d_leave[c], S_in[c]>, this
+        # block's share of d(loss)/d(cs[c, last]). The direct gradients never go to memory.
+        npb = tl.cdiv(P, BP)
+        nblk = npb * tl.cdiv(N, BN)
+        pid = tl.program_id(0)
+        g = tl.program_id(1)
+        blk = pid % nblk
+        h = g * HPG + (pid // nblk) % HPG
+        bi = (pid // (nblk * HPG)).to(tl.int64)
+        op = (blk % npb) * BP + tl.arange(0, BP)
+        on = (blk // npb) * BN + tl.arange(0, BN)
         oq = tl.arange(0, BQ)
-        op = tl.arange(0, BP)
-        on = tl.arange(0, BN)
-        pos = c * Q + oq
-        valid = (oq < Q) & (pos < L)
-        cs = tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + oq, mask=oq < Q, other=0.0)
-        q = tl.where(valid, tl.exp(cs), 0.0)
-        if HAS_SEQ:
-            sid = tl.load(sid_ptr + bi * ssb + pos * ssl, mask=valid, other=-1)
-            s_prev = tl.load(sid_ptr + bi * ssb + tl.maximum(c * Q - 1, 0) * ssl)
-            q = tl.where(sid == s_prev, q, 0.0)
-        dy = tl.load(
-            dy_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
-            mask=valid[:, None] & (op[None, :] < P),
-            other=0.0,
-        )
-        cv = tl.load(
-            c_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
-            mask=valid[:, None] & (on[None, :] < N),
-            other=0.0,
-        )
-        dyq = (dy.to(tl.float32) * q[:, None]).to(cv.dtype)
-        ds = tl.dot(tl.trans(dyq).to(DOT), cv.to(DOT), input_precision=PREC)
-        out = ds_ptr + (((bi * NC + c) * H + h) * P) * N
-        tl.store(out + op[:, None] * N + on[None, :], ds, mask=(op[:, None] < P) & (on[None, :] < N))
-
-    @triton.jit
-    def _state_passing_bwd(
-        ds_ptr, out_ptr, st_ptr, cs_ptr, sid_ptr, dfinal_ptr, dinit_ptr, dg_ptr,
-        L, H, NC, Q, PN, NBLK, ssb, ssl,
-        HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        # Reverse pass over chunks: out[c] = the gradient of the state LEAVING chunk c (= of the state
-        # chunk c produces), from ds[c] = the direct gradient of chunk c's entering state (fp32).
-        # As in the forward pass, out is ds itself (fp32) or a half-precision buffer: written out of
-        # place, the loads of the next chunk are not ordered behind this chunk's store.
-        bi = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        blk = tl.program_id(2)
-        o = blk * BLOCK + tl.arange(0, BLOCK)
-        m = o < PN
+        mpn = (op[:, None] < P) & (on[None, :] < N)
+        soff = op[:, None] * N + on[None, :]
         if HAS_DFINAL:
-            d = tl.load(dfinal_ptr + (bi * H + h) * PN + o, mask=m, other=0.0).to(tl.float32)
+            d = tl.load(dfinal_ptr + (bi * H + h) * P * N + soff, mask=mpn, other=0.0).to(tl.float32)
         else:
-            d = tl.zeros((BLOCK,), dtype=tl.float32)
+            d = tl.zeros((BP, BN), dtype=tl.float32)
         for i in range(NC):
             c = NC - 1 - i
-            off = ((bi * NC + c) * H + h) * PN + o
-            direct = tl.load(ds_ptr + off, mask=m, other=0.0)
-            tl.store(out_ptr + off, d.to(out_ptr.dtype.element_ty), mask=m)
-            s_in = tl.load(st_ptr + off, mask=m, other=0.0).to(tl.float32)
-            gdec = tl.exp(tl.load(cs_ptr + ((bi * H + h) * NC + c) * Q + Q - 1))
+            off = (((bi * NC + c) * H + h) * P) * N + soff
+            tl.store(out_ptr + off, d.to(out_ptr.dtype.element_ty), mask=mpn)
+            s_in = tl.load(st_ptr + off, mask=mpn, other=0.0).to(tl.float32)
+            base = ((bi * H + h) * NC + c) * Q
+            pos = c * Q + oq
+            valid = (oq < Q) & (pos < L)
+            cs = tl.load(cs_ptr + base + oq, mask=oq < Q, other=0.0)
+            q = tl.where(valid, tl.exp(cs), 0.0)
+            gdec = tl.exp(tl.load(cs_ptr + base + Q - 1))
             if HAS_SEQ:
-                s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
+                # positions after the chunk's first sequence start see no entering state
+                sid = tl.load(sid_ptr + bi * ssb + pos * ssl, mask=valid, other=-1)
                 s_prev = tl.load(sid_ptr + bi * ssb + tl.maximum(c * Q - 1, 0) * ssl)
+                s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
+                q = tl.where(sid == s_prev, q, 0.0)
                 gdec = tl.where(s_end == s_prev, gdec, 0.0)
-            # d(loss)/d(cs_last of chunk c) through the decay g = exp(cs_last): g * <d, S_in>.
-            tl.store(dg_ptr + ((bi * H + h) * NC + c) * NBLK + blk, gdec * tl.sum(d * s_in, axis=0))
-            d = direct + gdec * d
-        tl.store(dinit_ptr + (bi * H + h) * PN + o, d, mask=m)
+            tl.store(dg_ptr + ((bi * H + h) * NC + c) * nblk + blk, gdec * tl.sum(tl.sum(d * s_in, axis=1), axis=0))
+            dyv = tl.load(dy_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
+                          mask=valid[:, None] & (op[None, :] < P), other=0.0)
+            cv = tl.load(c_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
+                         mask=valid[:, None] & (on[None, :] < N), other=0.0)
+            dyq = (dyv.to(tl.float32) * q[:, None]).to(cv.dtype)
+            d = gdec * d + tl.dot(tl.trans(dyq).to(DOT), cv.to(DOT), input_precision=PREC)
+        tl.store(dinit_ptr + (bi * H + h) * P * N + soff, d, mask=mpn)
 
     @triton.jit
     def _chunk_dx_bwd(
@@ -738,26 +709,15 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _launch_cfg(q: int, p: int, n: int) -> dict:
-    # Bigger tiles need more warps to keep the per-thread register footprint bounded.
-    work = _pow2(q) * max(_pow2(q), _pow2(p), _pow2(n))
-    # num_stages=1: the only loops walk chunks or heads; pipelining their loads would multiply the
-    # shared memory of the (Q, P) / (P, N) tiles without hiding much latency.
-    return {"num_warps": 8 if work >= 128 * 64 else 4, "num_stages": 1}
-
-
 # Forward tile sizes (upper bounds: each is clipped to the padded dimension it blocks) and launch
 # settings; module-level so that scripts/bench_kernels.py --sweep can try others on a GPU.
 FWD_BLOCKS: dict[str, dict[str, int]] = {
-    "state": {"BP": 64, "BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3},
+    "state": {"BP": 64, "BN": 64, "num_warps": 4, "num_stages": 3},
     "cb": {"BM": 64, "BS": 64, "BKN": 64, "num_warps": 4, "num_stages": 2},
     "scan": {"BM": 64, "BP": 64, "BK": 32, "BKN": 32, "num_warps": 4, "num_stages": 3},
 }
-# The sequential passes over chunks are latency-bound: many small programs keep more loads in flight.
-STATE_PASSING: dict[str, int] = {"BLOCK": 256, "num_warps": 4, "num_stages": 2}
-# The backward pass also reduces over its block every chunk (the decay gradient).
-STATE_PASSING_BWD: dict[str, int] = {"BLOCK": 512, "num_warps": 2, "num_stages": 2}
 BWD_BLOCKS: dict[str, dict[str, int]] = {
+    "dstate": {"BP": 64, "BN": 64, "num_warps": 4, "num_stages": 3},
     "dx": {"BS": 128, "BP": 64, "BL": 32, "BN": 32, "num_warps": 4, "num_stages": 4},
     "dcb": {"BM": 64, "BS": 64, "BP": 64, "num_warps": 4, "num_stages": 2},
     "dbc": {"BM": 32, "BN": 128, "BP": 64, "BK": 32, "num_warps": 4, "num_stages": 2},
@@ -809,27 +769,19 @@ class _SSDChunkScanFn(torch.autograd.Function):
         ssb, ssl = (seq_idx.stride(0), seq_idx.stride(1)) if has_seq else (0, 0)
         xs = (x.stride(0), x.stride(1), x.stride(2))
         bs = (B.stride(0), B.stride(1), B.stride(2))
-        states = torch.empty(bsz, nchunks, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
         fb = _clip_blocks(FWD_BLOCKS, chunk_size, headdim, dstate)
         st_cfg, cb_cfg, sc_cfg = fb["state"], fb["cb"], fb["scan"]
         npn = triton.cdiv(headdim, st_cfg["BP"]) * triton.cdiv(dstate, st_cfg["BN"])
-        _chunk_state_fwd[(npn * hpg * bsz * nchunks, ngroups)](
-            x, B, dtc, cs, sid, states, seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg,
-            *xs, *bs, ssb, ssl, HAS_SEQ=has_seq, **dot, **st_cfg,
-        )  # fmt: skip
         final = torch.empty(bsz, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
-        pn = headdim * dstate
-        block = min(STATE_PASSING["BLOCK"], triton.next_power_of_2(pn))
         has_init = initial_states is not None
         # bf16/fp16 inputs: the entering states are stored in that dtype (read three times later on)
-        entering = states if x.dtype == torch.float32 else torch.empty_like(states, dtype=x.dtype)
-        _state_passing_fwd[(bsz, nheads, triton.cdiv(pn, block))](
-            states, entering, initial_states if has_init else final, cs, sid, final,
-            seqlen, nheads, nchunks, chunk_size, pn, ssb, ssl,
-            HAS_INIT=has_init, HAS_SEQ=has_seq, BLOCK=block,
-            num_warps=STATE_PASSING["num_warps"], num_stages=STATE_PASSING["num_stages"],
+        states = torch.empty(bsz, nchunks, nheads, headdim, dstate, device=x.device,
+                             dtype=torch.float32 if x.dtype == torch.float32 else x.dtype)
+        _state_scan_fwd[(npn * hpg * bsz, ngroups)](
+            x, B, dtc, cs, sid, initial_states if has_init else final, states, final,
+            seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
+            HAS_INIT=has_init, HAS_SEQ=has_seq, **dot, BQ=_pow2(chunk_size), **st_cfg,
         )  # fmt: skip
-        states = entering  # the per-chunk fp32 buffer is not needed any more
         cb = _chunk_cb(B, C, seq_idx, nchunks, chunk_size, dot, cb_cfg)
         y = torch.empty_like(x)
         has_d = D is not None
@@ -853,8 +805,6 @@ class _SSDChunkScanFn(torch.autograd.Function):
         nchunks = dtc.shape[2]
         hpg = nheads // ngroups
         dot = _dot_cfg(x.dtype, dstate)
-        BQ, BP, BN = _pow2(chunk_size), _pow2(headdim), _pow2(dstate)
-        cfg = _launch_cfg(chunk_size, headdim, dstate)
         has_seq = seq_idx is not None
         sid = seq_idx if has_seq else dtc
         ssb, ssl = (seq_idx.stride(0), seq_idx.stride(1)) if has_seq else (0, 0)
@@ -863,28 +813,20 @@ class _SSDChunkScanFn(torch.autograd.Function):
         dy = dy.to(x.dtype).contiguous()
         xs = (x.stride(0), x.stride(1), x.stride(2))
         bs = (B.stride(0), B.stride(1), B.stride(2))
-        dstates = torch.empty(states.shape, device=x.device, dtype=torch.float32)
-        _chunk_dstate_bwd[(hpg * bsz * nchunks, ngroups)](
-            dy, C, cs, sid, dstates, seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg,
-            *xs, *bs, ssb, ssl, HAS_SEQ=has_seq, **dot, BQ=BQ, BP=BP, BN=BN, **cfg,
-        )  # fmt: skip
-        pn = headdim * dstate
-        block = min(STATE_PASSING_BWD["BLOCK"], triton.next_power_of_2(pn))
-        nblk = triton.cdiv(pn, block)
+        bb = _clip_blocks(BWD_BLOCKS, chunk_size, headdim, dstate)
+        k = bb["dstate"]
+        nblk = triton.cdiv(headdim, k["BP"]) * triton.cdiv(dstate, k["BN"])
         dinit = torch.empty(bsz, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
         dg = torch.empty(bsz, nheads, nchunks, nblk, device=x.device, dtype=torch.float32)
         has_dfinal = dfinal is not None
         # bf16/fp16 inputs: the leaving-state gradients are stored in that dtype, like the states
-        leaving = dstates if x.dtype == torch.float32 else torch.empty_like(dstates, dtype=x.dtype)
-        _state_passing_bwd[(bsz, nheads, nblk)](
-            dstates, leaving, states, cs, sid, dfinal.float().contiguous() if has_dfinal else dinit, dinit, dg,
-            seqlen, nheads, nchunks, chunk_size, pn, nblk, ssb, ssl,
-            HAS_DFINAL=has_dfinal, HAS_SEQ=has_seq, BLOCK=block,
-            num_warps=STATE_PASSING_BWD["num_warps"], num_stages=STATE_PASSING_BWD["num_stages"],
+        dstates = torch.empty_like(states)
+        _dstate_scan_bwd[(nblk * hpg * bsz, ngroups)](
+            dy, C, cs, sid, states, dfinal.float().contiguous() if has_dfinal else dinit, dstates, dinit, dg,
+            seqlen, nheads, nchunks, chunk_size, headdim, dstate, hpg, *xs, *bs, ssb, ssl,
+            HAS_DFINAL=has_dfinal, HAS_SEQ=has_seq, **dot, BQ=_pow2(chunk_size), **k,
         )  # fmt: skip
-        dstates = leaving
         dg = dg.sum(-1).contiguous()
-        bb = _clip_blocks(BWD_BLOCKS, chunk_size, headdim, dstate)
         # recomputed rather than saved: ~3% of the backward, and no (B, NC, G, Q, Q) buffer kept alive
         cb = _chunk_cb(B, C, seq_idx, nchunks, chunk_size, dot,
                        _clip_blocks(FWD_BLOCKS, chunk_size, headdim, dstate)["cb"])

@@ -195,7 +195,7 @@ def _bench_ssd_point(s: SSDShape, dtype, mamba, hf_scan, bw: float, check: bool)
     return rows
 
 
-# Variants tried by --sweep: patches of mmfm.kernels.ssd's FWD_BLOCKS / BWD_BLOCKS / STATE_PASSING(_BWD)
+# Variants tried by --sweep: patches of mmfm.kernels.ssd's FWD_BLOCKS / BWD_BLOCKS
 # (the rows equal to an earlier default keep that default in the comparison).
 SWEEP_VARIANTS: list[dict[str, dict]] = [
     {},
@@ -203,14 +203,18 @@ SWEEP_VARIANTS: list[dict[str, dict]] = [
     {"fwd": {"scan": {"BM": 64, "BP": 64, "BK": 64, "BKN": 64, "num_warps": 4, "num_stages": 2}}},
     {"fwd": {"scan": {"BM": 128, "BP": 64, "BK": 32, "BKN": 128, "num_warps": 4, "num_stages": 4}}},
     {"fwd": {"scan": {"BM": 64, "BP": 64, "BK": 32, "BKN": 128, "num_warps": 4, "num_stages": 3}}},
-    {"fwd": {"state": {"BP": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 2}}},
+    {"fwd": {"state": {"BP": 64, "BN": 64, "num_warps": 4, "num_stages": 2}}},
+    {"fwd": {"state": {"BP": 64, "BN": 32, "num_warps": 4, "num_stages": 3}}},
+    {"fwd": {"state": {"BP": 32, "BN": 128, "num_warps": 4, "num_stages": 3}}},
+    {"fwd": {"state": {"BP": 64, "BN": 128, "num_warps": 8, "num_stages": 2}}},
+    {"fwd": {"state": {"BP": 64, "BN": 64, "num_warps": 8, "num_stages": 4}}},
     {"fwd": {"scan": {"BM": 64, "BP": 64, "BK": 32, "BKN": 32, "num_warps": 2, "num_stages": 4}}},
     {"fwd": {"scan": {"BM": 64, "BP": 64, "BK": 32, "BKN": 32, "num_warps": 4, "num_stages": 4}}},
     {"fwd": {"scan": {"BM": 128, "BP": 64, "BK": 32, "BKN": 32, "num_warps": 8, "num_stages": 3}}},
-    {"state_passing_bwd": {"BLOCK": 256, "num_warps": 1, "num_stages": 2}},
-    {"state_passing_bwd": {"BLOCK": 128, "num_warps": 1, "num_stages": 3}},
-    {"state_passing_bwd": {"BLOCK": 256, "num_warps": 4, "num_stages": 2}},
-    {"state_passing_bwd": {"BLOCK": 1024, "num_warps": 4, "num_stages": 2}},
+    {"bwd": {"dstate": {"BP": 64, "BN": 32, "num_warps": 4, "num_stages": 3}}},
+    {"bwd": {"dstate": {"BP": 32, "BN": 128, "num_warps": 4, "num_stages": 3}}},
+    {"bwd": {"dstate": {"BP": 64, "BN": 64, "num_warps": 4, "num_stages": 2}}},
+    {"bwd": {"dstate": {"BP": 64, "BN": 128, "num_warps": 8, "num_stages": 2}}},
     {"bwd": {"dx": {"BS": 64, "BP": 64, "BL": 32, "BN": 32, "num_warps": 4, "num_stages": 3}}},
     {"bwd": {"dx": {"BS": 64, "BP": 64, "BL": 32, "BN": 128, "num_warps": 4, "num_stages": 4}}},
     {"bwd": {"dx": {"BS": 64, "BP": 64, "BL": 64, "BN": 64, "num_warps": 4, "num_stages": 2}}},
@@ -231,8 +235,7 @@ def sweep_blocks(s: SSDShape, dtype=torch.bfloat16) -> list[dict]:
     leaves = _ssd_inputs(s, dtype)
     x, dt, A, B, C, D, dt_bias = leaves
     tables = {"fwd": "FWD_BLOCKS", "bwd": "BWD_BLOCKS"}
-    passes = {"state_passing": "STATE_PASSING", "state_passing_bwd": "STATE_PASSING_BWD"}
-    saved = {name: getattr(ssd, name) for name in (*tables.values(), *passes.values())}
+    saved = {name: getattr(ssd, name) for name in tables.values()}
 
     def fwd():
         return ssd.ssd_chunk_scan(x, dt, A, B, C, s.chunk, D=D, dt_bias=dt_bias, dt_softplus=True, backend="triton")
@@ -246,8 +249,6 @@ def sweep_blocks(s: SSDShape, dtype=torch.bfloat16) -> list[dict]:
         for variant in SWEEP_VARIANTS:
             for key, name in tables.items():
                 setattr(ssd, name, {**saved[name], **variant.get(key, {})})
-            for key, name in passes.items():
-                setattr(ssd, name, variant.get(key, saved[name]))
             grads = fwd_bwd()
             ref = grads if ref is None else ref
             diff = max((a.float() - r.float()).abs().max().item() for a, r in zip(grads, ref))

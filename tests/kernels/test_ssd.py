@@ -99,10 +99,11 @@ def test_blocks_smaller_than_the_tiles(monkeypatch, seq):
     a head dimension of two blocks) equal the reference: outputs, final state and every gradient."""
     import mmfm.kernels.ssd as ssd
 
-    fwd = {"state": {"BP": 16, "BN": 16, "BK": 16, "num_warps": 4, "num_stages": 1},
+    fwd = {"state": {"BP": 16, "BN": 16, "num_warps": 4, "num_stages": 1},
            "cb": {"BM": 16, "BS": 32, "BKN": 16, "num_warps": 4, "num_stages": 1},
            "scan": {"BM": 32, "BP": 16, "BK": 16, "BKN": 16, "num_warps": 4, "num_stages": 1}}
-    bwd = {"dx": {"BS": 16, "BP": 16, "BL": 32, "BN": 16, "num_warps": 4, "num_stages": 1},
+    bwd = {"dstate": {"BP": 16, "BN": 16, "num_warps": 4, "num_stages": 1},
+           "dx": {"BS": 16, "BP": 16, "BL": 32, "BN": 16, "num_warps": 4, "num_stages": 1},
            "dcb": {"BM": 32, "BS": 16, "BP": 16, "num_warps": 4, "num_stages": 1},
            "dbc": {"BM": 16, "BN": 16, "BP": 16, "BK": 32, "num_warps": 4, "num_stages": 1}}
     monkeypatch.setattr(ssd, "FWD_BLOCKS", fwd)
