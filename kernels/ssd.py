@@ -507,9 +507,24 @@ if triton is not None:
             s_end = tl.load(sid_ptr + bi * ssb + tl.minimum(c * Q + Q - 1, L - 1) * ssl)
             ok_end = ok_end & (sid_s == s_end)
         rr = tl.where(ok_end, tl.exp(cs_last - cs_s), 0.0)
-        cbp = cb_ptr + ((bi * NC + c) * G + g) * Q * Q
         mp = op[None, :] < P
-        u = tl.zeros((BS, BP), dtype=tl.float32)
+        xoff = bi * sxb + pos_s[:, None] * sxl + h * sxh + op[None, :]
+        mxp = vs[:, None] & mp
+        # v first, then the intra-chunk sum accumulates onto rr v: one (BS, BP) fp32 accumulator live
+        # through the loops instead of two (the second one spilled).
+        v = tl.zeros((BS, BP), dtype=tl.float32)
+        sbase = (((bi * NC + c) * H + h) * P) * N
+        for n0 in range(0, N, BN):
+            on = n0 + tl.arange(0, BN)
+            mn = vs[:, None] & (on[None, :] < N)
+            bv = tl.load(b_ptr + bi * sbb + pos_s[:, None] * sbl + g * sbg + on[None, :], mask=mn, other=0.0)
+            mnp = (on[:, None] < N) & mp
+            dsv = tl.load(ds_ptr + sbase + op[None, :] * N + on[:, None], mask=mnp, other=0.0)  # (BN, BP)
+            v += tl.dot(bv.to(DOT), dsv.to(bv.dtype).to(DOT), input_precision=PREC)
+        xv = tl.load(x_ptr + xoff, mask=mxp, other=0.0)  # loaded again after the loop: fewer live registers
+        wst = rr * dt_s * tl.sum(xv.to(tl.float32) * v, axis=1)
+        grad_pre = rr[:, None] * v
+        cbp = cb_ptr + ((bi * NC + c) * G + g) * Q * Q
         ms = os[:, None] < Q
         for l0 in range(s0, Q, BL):
             ol = l0 + tl.arange(0, BL)
@@ -522,21 +537,9 @@ if triton is not None:
             mt = tl.where(ol[None, :] >= os[:, None], mt, 0.0)
             dyl = tl.load(dy_ptr + bi * sxb + pos_l[:, None] * sxl + h * sxh + op[None, :],
                           mask=((ol < Q) & (pos_l < L))[:, None] & mp, other=0.0)
-            u += tl.dot(mt.to(dyl.dtype).to(DOT), dyl.to(DOT), input_precision=PREC)
-        v = tl.zeros((BS, BP), dtype=tl.float32)
-        sbase = (((bi * NC + c) * H + h) * P) * N
-        for n0 in range(0, N, BN):
-            on = n0 + tl.arange(0, BN)
-            mn = vs[:, None] & (on[None, :] < N)
-            bv = tl.load(b_ptr + bi * sbb + pos_s[:, None] * sbl + g * sbg + on[None, :], mask=mn, other=0.0)
-            mnp = (on[:, None] < N) & mp
-            dsv = tl.load(ds_ptr + sbase + op[None, :] * N + on[:, None], mask=mnp, other=0.0)  # (BN, BP)
-            v += tl.dot(bv.to(DOT), dsv.to(bv.dtype).to(DOT), input_precision=PREC)
-        xoff = bi * sxb + pos_s[:, None] * sxl + h * sxh + op[None, :]
-        mxp = vs[:, None] & mp
+            grad_pre += tl.dot(mt.to(dyl.dtype).to(DOT), dyl.to(DOT), input_precision=PREC)
         xf = tl.load(x_ptr + xoff, mask=mxp, other=0.0).to(tl.float32)
         dyf = tl.load(dy_ptr + xoff, mask=mxp, other=0.0).to(tl.float32)
-        grad_pre = u + rr[:, None] * v
         dxv = dt_s[:, None] * grad_pre
         if HAS_D:
             dv = tl.load(d_ptr + h * P + op, mask=op < P, other=0.0).to(tl.float32)
@@ -545,7 +548,6 @@ if triton is not None:
                      tl.sum(dyf * xf, axis=0), mask=op < P)
         tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=mxp)
         tl.atomic_add(ddt_ptr + base + os, tl.sum(xf * grad_pre, axis=1), mask=os < Q)
-        wst = rr * dt_s * tl.sum(xf * v, axis=1)
         dcs = -wst
         # the chunk's last position carries the decay to the chunk end of every position and dg
         last = tl.sum(wst, axis=0)
