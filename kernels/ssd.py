@@ -254,7 +254,7 @@ if triton is not None:
         # Program ids of a launch over (NBLK * HPG * batch * NC, G): the NBLK tiles of one chunk of every
         # head of a group are adjacent in launch order, so the group's B, C and C B^T of that chunk are
         # read from L2 by all of them (with the chunk fastest they were fetched again per head and
-        # tile). Per-group kernels pass HPG = 1. One flat first axis: the 2nd/3rd are capped at 65535.
+        # tile). Per-group kernels pass HPG = 1, the kernels that walk all chunks NC = 1. One flat first axis: the 2nd/3rd are capped at 65535.
         pid = tl.program_id(0)
         g = tl.program_id(1)
         blk = pid % NBLK
@@ -278,11 +278,7 @@ if triton is not None:
         # running state stays fp32. Each loop step loads one whole chunk of x and B, so the software
         # pipeline overlaps the next chunk's loads with this chunk's product.
         npb = tl.cdiv(P, BP)
-        pid = tl.program_id(0)
-        g = tl.program_id(1)
-        pid_pn = pid % (npb * tl.cdiv(N, BN))
-        h = g * HPG + (pid // (npb * tl.cdiv(N, BN))) % HPG
-        bi = (pid // (npb * tl.cdiv(N, BN) * HPG)).to(tl.int64)
+        _, bi, _, g, h, pid_pn = _tile_ids(1, HPG, npb * tl.cdiv(N, BN))  # one "chunk": the program walks them
         op = (pid_pn % npb) * BP + tl.arange(0, BP)
         on = (pid_pn // npb) * BN + tl.arange(0, BN)
         ok = tl.arange(0, BQ)
@@ -432,11 +428,7 @@ if triton is not None:
         # block's share of d(loss)/d(cs[c, last]). The direct gradients never go to memory.
         npb = tl.cdiv(P, BP)
         nblk = npb * tl.cdiv(N, BN)
-        pid = tl.program_id(0)
-        g = tl.program_id(1)
-        blk = pid % nblk
-        h = g * HPG + (pid // nblk) % HPG
-        bi = (pid // (nblk * HPG)).to(tl.int64)
+        _, bi, _, g, h, blk = _tile_ids(1, HPG, nblk)
         op = (blk % npb) * BP + tl.arange(0, BP)
         on = (blk // npb) * BN + tl.arange(0, BN)
         oq = tl.arange(0, BQ)
