@@ -254,7 +254,8 @@ if triton is not None:
         # Program ids of a launch over (NBLK * HPG * batch * NC, G): the NBLK tiles of one chunk of every
         # head of a group are adjacent in launch order, so the group's B, C and C B^T of that chunk are
         # read from L2 by all of them (with the chunk fastest they were fetched again per head and
-        # tile). Per-group kernels pass HPG = 1, the kernels that walk all chunks NC = 1. One flat first axis: the 2nd/3rd are capped at 65535.
+        # tile). Per-group kernels pass HPG = 1, the kernels that walk all chunks NC = 1. One flat
+        # first axis: the 2nd/3rd are capped at 65535.
         pid = tl.program_id(0)
         g = tl.program_id(1)
         blk = pid % NBLK
