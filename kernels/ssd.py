@@ -265,6 +265,36 @@ if triton is not None:
         return pid_bc, bi, pid_bc % NC, g, g * HPG + hh, blk
 
     @triton.jit
+    def _state_block_start(start_ptr, H, P, N, HPG, HAS_START: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+        # Common start of the kernels that walk all chunks (launched over (nblk * HPG * batch, G)): the
+        # (BP, BN) block of one head's state this program owns, and its running value at the start of the
+        # walk, read from start_ptr (batch, H, P, N) or zeros.
+        npb = tl.cdiv(P, BP)
+        nblk = npb * tl.cdiv(N, BN)
+        _, bi, _, g, h, blk = _tile_ids(1, HPG, nblk)
+        op = (blk % npb) * BP + tl.arange(0, BP)
+        on = (blk // npb) * BN + tl.arange(0, BN)
+        mpn = (op[:, None] < P) & (on[None, :] < N)
+        soff = op[:, None] * N + on[None, :]
+        if HAS_START:
+            s = tl.load(start_ptr + (bi * H + h) * P * N + soff, mask=mpn, other=0.0).to(tl.float32)
+        else:
+            s = tl.zeros((BP, BN), dtype=tl.float32)
+        return bi, g, h, blk, nblk, op, on, mpn, soff, s
+
+    @triton.jit
+    def _chunk_outer(a_ptr, b_ptr, w, bi, h, g, pos, valid, op, on, P, N,
+                     sxb, sxl, sxh, sbb, sbl, sbg, DOT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+        # sum_k w[k] a[k, op]^T b[k, on] over one chunk's positions pos, a (BP block) in x's layout
+        # (batch, L, H, P) and b (BN block) in B's (batch, L, G, N): a (BP, BN) fp32 block of a state.
+        av = tl.load(a_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
+                     mask=valid[:, None] & (op[None, :] < P), other=0.0)
+        bv = tl.load(b_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
+                     mask=valid[:, None] & (on[None, :] < N), other=0.0)
+        aw = (av.to(tl.float32) * w[:, None]).to(bv.dtype)
+        return tl.dot(tl.trans(aw).to(DOT), bv.to(DOT), input_precision=PREC)
+
+    @triton.jit
     def _state_scan_fwd(
         x_ptr, b_ptr, dt_ptr, cs_ptr, sid_ptr, init_ptr, out_ptr, final_ptr,
         L, H, NC, Q, P, N, HPG,
@@ -278,17 +308,8 @@ if triton is not None:
         # fp32 states never go to memory. out holds S_in[c] in x's dtype (half the later reads); the
         # running state stays fp32. Each loop step loads one whole chunk of x and B, so the software
         # pipeline overlaps the next chunk's loads with this chunk's product.
-        npb = tl.cdiv(P, BP)
-        _, bi, _, g, h, pid_pn = _tile_ids(1, HPG, npb * tl.cdiv(N, BN))  # one "chunk": the program walks them
-        op = (pid_pn % npb) * BP + tl.arange(0, BP)
-        on = (pid_pn // npb) * BN + tl.arange(0, BN)
+        bi, g, h, _, _, op, on, mpn, soff, s = _state_block_start(init_ptr, H, P, N, HPG, HAS_INIT, BP, BN)
         ok = tl.arange(0, BQ)
-        mpn = (op[:, None] < P) & (on[None, :] < N)
-        soff = op[:, None] * N + on[None, :]
-        if HAS_INIT:
-            s = tl.load(init_ptr + (bi * H + h) * P * N + soff, mask=mpn, other=0.0).to(tl.float32)
-        else:
-            s = tl.zeros((BP, BN), dtype=tl.float32)
         s_prev = 0
         if HAS_SEQ:
             s_prev = tl.load(sid_ptr + bi * ssb)
@@ -309,12 +330,8 @@ if triton is not None:
                 r = tl.where(sid == s_end, r, 0.0)
                 gdec = tl.where(s_end == s_prev, gdec, 0.0)
                 s_prev = s_end
-            xv = tl.load(x_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
-                         mask=valid[:, None] & (op[None, :] < P), other=0.0)
-            bv = tl.load(b_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
-                         mask=valid[:, None] & (on[None, :] < N), other=0.0)
-            xr = (xv.to(tl.float32) * r[:, None]).to(xv.dtype)
-            s = gdec * s + tl.dot(tl.trans(xr).to(DOT), bv.to(DOT), input_precision=PREC)
+            s = gdec * s + _chunk_outer(x_ptr, b_ptr, r, bi, h, g, pos, valid, op, on, P, N,
+                                        sxb, sxl, sxh, sbb, sbl, sbg, DOT, PREC)
         tl.store(final_ptr + (bi * H + h) * P * N + soff, s, mask=mpn)
 
     @triton.jit
@@ -427,18 +444,8 @@ if triton is not None:
         #   d_leave[c-1] = dS_direct[c] + exp(cs[c, last]) d_leave[c],  dS_direct[c] = sum_l q[l] dy[l]^T C[l]
         # (q = decay from the chunk start), and dg[c, block] = exp(cs[c, last]) <d_leave[c], S_in[c]>, this
         # block's share of d(loss)/d(cs[c, last]). The direct gradients never go to memory.
-        npb = tl.cdiv(P, BP)
-        nblk = npb * tl.cdiv(N, BN)
-        _, bi, _, g, h, blk = _tile_ids(1, HPG, nblk)
-        op = (blk % npb) * BP + tl.arange(0, BP)
-        on = (blk // npb) * BN + tl.arange(0, BN)
+        bi, g, h, blk, nblk, op, on, mpn, soff, d = _state_block_start(dfinal_ptr, H, P, N, HPG, HAS_DFINAL, BP, BN)
         oq = tl.arange(0, BQ)
-        mpn = (op[:, None] < P) & (on[None, :] < N)
-        soff = op[:, None] * N + on[None, :]
-        if HAS_DFINAL:
-            d = tl.load(dfinal_ptr + (bi * H + h) * P * N + soff, mask=mpn, other=0.0).to(tl.float32)
-        else:
-            d = tl.zeros((BP, BN), dtype=tl.float32)
         for i in range(NC):
             c = NC - 1 - i
             off = (((bi * NC + c) * H + h) * P) * N + soff
@@ -458,12 +465,8 @@ if triton is not None:
                 q = tl.where(sid == s_prev, q, 0.0)
                 gdec = tl.where(s_end == s_prev, gdec, 0.0)
             tl.store(dg_ptr + ((bi * H + h) * NC + c) * nblk + blk, gdec * tl.sum(tl.sum(d * s_in, axis=1), axis=0))
-            dyv = tl.load(dy_ptr + bi * sxb + pos[:, None] * sxl + h * sxh + op[None, :],
-                          mask=valid[:, None] & (op[None, :] < P), other=0.0)
-            cv = tl.load(c_ptr + bi * sbb + pos[:, None] * sbl + g * sbg + on[None, :],
-                         mask=valid[:, None] & (on[None, :] < N), other=0.0)
-            dyq = (dyv.to(tl.float32) * q[:, None]).to(cv.dtype)
-            d = gdec * d + tl.dot(tl.trans(dyq).to(DOT), cv.to(DOT), input_precision=PREC)
+            d = gdec * d + _chunk_outer(dy_ptr, c_ptr, q, bi, h, g, pos, valid, op, on, P, N,
+                                        sxb, sxl, sxh, sbb, sbl, sbg, DOT, PREC)
         tl.store(dinit_ptr + (bi * H + h) * P * N + soff, d, mask=mpn)
 
     @triton.jit
