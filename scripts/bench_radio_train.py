@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import platform
 import time
@@ -116,12 +117,13 @@ def model_flops_paths(teachers: Iterable[torch.nn.Module]) -> Iterator[None]:
 
 
 def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, warmup: int, iters: int,
-                gradient_checkpointing: bool, profile: bool = False) -> dict:
+                gradient_checkpointing: bool, profile: bool = False, student_sdpa: list[str] | None = None) -> dict:
     from mmfm.training import Engine
 
     teachers, infos, model, normalizers = setup(cfg, device)  # compiles the blocks when cfg.compile
     if gradient_checkpointing:
         model.encoder.student.set_grad_checkpointing(True)
+    model.encoder.student.set_sdpa_backends(student_sdpa)
     part = cfg.partitions[partition]
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=part.batch_size)
     maker = TargetMaker(cfg, teachers, infos, normalizers, engine.device)
@@ -180,7 +182,14 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         engine.step()
         _lap(device, phases, "optimizer", t)
     per_teacher = _per_teacher(maker, plan, images(), iters, device) if profile else {}
+    student_kernels = []
+    if profile and device.type == "cuda":
+        x = images()
+        targets = maker.targets(plan, maker.teacher_outputs(plan, x))
+        student_kernels = _top_kernels(lambda: engine.backward(engine.forward(x, targets)["loss"]), device, 12)
+        engine.step()
     return {"phase_ms": {k: 1e3 * v / iters for k, v in phases.items()}, "per_teacher": per_teacher,
+            "student_top_kernels": student_kernels,
             "resolution": plan.resolution[0], "batch": part.batch_size,
             "teachers": _names(cfg, partition),
             "step_ms": 1e3 * dt, "img_per_s": part.batch_size / dt,
@@ -193,9 +202,6 @@ def _per_teacher(maker: TargetMaker, plan: StepPlan, x: torch.Tensor, iters: int
                  device: torch.device) -> dict[str, dict]:
     """Each teacher alone on the step's images: ms and TFLOP, and on a GPU its top kernels (torch.profiler),
     to see where a slow teacher's time goes."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     from mmfm.radio.distill import teachers_for
 
     out = {}
@@ -210,13 +216,21 @@ def _per_teacher(maker: TargetMaker, plan: StepPlan, x: torch.Tensor, iters: int
         sync(device)
         row = {"ms": 1e3 * (time.perf_counter() - t0) / iters, "tflop": fc.get_total_flops() / 1e12}
         if device.type == "cuda":
-            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                maker.teacher_output(name, x)
-                sync(device)
-            row["top_kernels"] = [(e.key[:90], round(e.device_time_total / 1e3, 2)) for e in sorted(
-                prof.key_averages(), key=lambda e: -e.device_time_total)[:8]]
+            row["top_kernels"] = _top_kernels(functools.partial(maker.teacher_output, name, x), device, 8)
         out[name] = row
     return out
+
+
+def _top_kernels(fn, device: torch.device, n: int) -> list[tuple[str, float]]:
+    """The ``n`` GPU kernels (or ops) with the most CUDA time in one call of ``fn``: (name, ms)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    return [(e.key[:90], round(e.device_time_total / 1e3, 2)) for e in sorted(
+        prof.key_averages(), key=lambda e: -e.device_time_total)[:n]]
 
 
 def _lap(device: torch.device, phases: dict[str, float], name: str, t0: float) -> float:
@@ -252,6 +266,9 @@ def main() -> int:
                    help="run the bf16-weight teachers under autocast (the behaviour before native bf16), for A/B")
     p.add_argument("--timm-sam-attention", action="store_true",
                    help="keep timm's 3-D SAM attention (the behaviour before the 4-D SDPA change), for A/B")
+    p.add_argument("--student-sdpa", nargs="+", default=None, metavar="BACKEND",
+                   help="the student's SDPA kernel preference, best first (flash, cudnn, efficient, math); "
+                        "default: PyTorch's choice")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.teacher_autocast:
@@ -269,7 +286,8 @@ def main() -> int:
     for partition, pname in enumerate(("low", "high")):
         if pname not in args.points:
             continue
-        row = bench_point(cfg, partition, device, args.warmup, args.iters, args.grad_checkpointing, args.profile)
+        row = bench_point(cfg, partition, device, args.warmup, args.iters, args.grad_checkpointing, args.profile,
+                          args.student_sdpa)
         row["mfu"] = row["achieved_tflops"] / args.peak_tflops
         ph = row["phase_ms"]
         row["teacher_mfu"] = row["teacher_tflop_per_step"] / (ph["teachers"] / 1e3) / args.peak_tflops
@@ -287,13 +305,18 @@ def main() -> int:
                   f"MFU {100 * t['tflop'] / (t['ms'] / 1e3) / args.peak_tflops:.1f}%", flush=True)
             for k, ms in t.get("top_kernels", []):
                 print(f"        {ms:8.2f} ms  {k}", flush=True)
+        if row["student_top_kernels"]:
+            print("    student forward + backward, top GPU kernels:", flush=True)
+        for k, ms in row["student_top_kernels"]:
+            print(f"        {ms:8.2f} ms  {k}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "precision": precision, "peak_tflops": args.peak_tflops,
             "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "deepspeed": args.deepspeed,
-            "teacher_autocast": args.teacher_autocast, "timm_sam_attention": args.timm_sam_attention}
+            "teacher_autocast": args.teacher_autocast, "student_sdpa": args.student_sdpa,
+            "timm_sam_attention": args.timm_sam_attention}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
