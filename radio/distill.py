@@ -302,12 +302,14 @@ def build_teachers(cfg: RadioTrainConfig, device: torch.device | str = "cpu") ->
 
 
 def compile_repeated_blocks(module: nn.Module) -> int:
-    """``torch.compile`` in place every block of each ``nn.ModuleList`` of >= 2 modules of one class (the
-    transformer blocks of timm, open_clip, transformers and mmfm models; lists inside a compiled block are
-    left to it); returns how many were compiled. Blocks of one class share one ``forward``, so one graph per
-    input shape serves them all; state-dict keys are unchanged (``nn.Module.compile``)."""
-    if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(b) for b in module}) == 1:
-        for block in module:
+    """``torch.compile`` in place every block of each ``nn.ModuleList`` or ``nn.Sequential`` of >= 2 composite
+    modules of one class (the transformer blocks of open_clip, transformers and mmfm models are ModuleLists,
+    timm's are a Sequential; lists inside a compiled block are left to it); returns how many were compiled.
+    Blocks of one class share one ``forward``, so one graph per input shape serves them all; state-dict keys
+    are unchanged (``nn.Module.compile``)."""
+    blocks = list(module) if isinstance(module, (nn.ModuleList, nn.Sequential)) else []
+    if len(blocks) >= 2 and len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].children()):
+        for block in blocks:
             block.compile()
         return len(module)
     return sum(compile_repeated_blocks(child) for child in module.children())

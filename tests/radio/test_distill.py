@@ -282,11 +282,14 @@ def test_compile_repeated_blocks_compiles_each_block_once():
             return self.layers[1](self.layers[0](x))
 
     model = nn.Sequential(nn.ModuleList([Inner(), Inner(), Inner()]),
-                          nn.ModuleList([nn.Linear(4, 4), nn.ReLU()]))  # mixed classes: not a block list
+                          nn.ModuleList([nn.Linear(4, 4), nn.ReLU()]),  # mixed classes: not a block list
+                          nn.Sequential(Inner(), Inner()),  # timm keeps its blocks in a Sequential
+                          nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))  # leaf layers: not blocks
     keys = list(model.state_dict())
-    assert compile_repeated_blocks(model) == 3
-    assert all(b._compiled_call_impl is not None for b in model[0])
+    assert compile_repeated_blocks(model) == 5
+    assert all(b._compiled_call_impl is not None for b in [*model[0], *model[2]])
     assert model[0][0].layers[0]._compiled_call_impl is None and model[1][0]._compiled_call_impl is None
+    assert all(m._compiled_call_impl is None for m in model[3])
     assert list(model.state_dict()) == keys  # checkpoints and export see the same names
 
 
