@@ -259,7 +259,8 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny models")
     p.add_argument("--compile", action="store_true", help="torch.compile the student's and teachers' blocks")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed config (e.g. configs/deepspeed/zero2.json)")
-    p.add_argument("--profile", action="store_true", help="time each teacher alone; top GPU kernels of each")
+    p.add_argument("--profile", action="store_true",
+                   help="time each teacher alone; top GPU kernels of each teacher and of the student")
     p.add_argument("--points", nargs="+", choices=("low", "high"), default=["low", "high"],
                    help="which partitions to measure")
     p.add_argument("--teacher-autocast", action="store_true",
