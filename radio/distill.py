@@ -308,10 +308,11 @@ def compile_repeated_blocks(module: nn.Module) -> int:
     Blocks of one class share one ``forward``, so one graph per input shape serves them all; state-dict keys
     are unchanged (``nn.Module.compile``)."""
     blocks = list(module) if isinstance(module, (nn.ModuleList, nn.Sequential)) else []
-    if len(blocks) >= 2 and len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].children()):
+    composite = bool(blocks) and next(blocks[0].children(), None) is not None  # a block, not a leaf layer
+    if len(blocks) >= 2 and len({type(b) for b in blocks}) == 1 and composite:
         for block in blocks:
             block.compile()
-        return len(module)
+        return len(blocks)
     return sum(compile_repeated_blocks(child) for child in module.children())
 
 

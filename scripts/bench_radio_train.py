@@ -308,8 +308,8 @@ def main() -> int:
                 print(f"        {ms:8.2f} ms  {k}", flush=True)
         if row["student_top_kernels"]:
             print("    student forward + backward, top GPU kernels:", flush=True)
-        for k, ms in row["student_top_kernels"]:
-            print(f"        {ms:8.2f} ms  {k}", flush=True)
+            for k, ms in row["student_top_kernels"]:
+                print(f"        {ms:8.2f} ms  {k}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
