@@ -146,9 +146,8 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         engine.backward(res["loss"])
         engine.step()
 
-    for _ in range(warmup):
+    for _ in range(warmup):  # compiles outside the FLOP counter: dynamo may not compile under its dispatch mode
         step()
-    sync(device)
     # FLOPs of one step, split teacher / student, counted on an extra (untimed) step
     with FlopCounterMode(display=False) as fc_teacher, model_flops_paths(maker.teachers.values()):
         x = images()
@@ -158,12 +157,16 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         engine.backward(res["loss"])
     engine.step()
     teacher_flops, student_flops = fc_teacher.get_total_flops(), fc_student.get_total_flops()
+    for _ in range(warmup):  # again: compiled blocks pay one-time costs after the counter's pass (~1 s a step)
+        step()
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    step_ends = []
     for _ in range(iters):
         step()
+        step_ends.append(time.perf_counter())  # CPU-side: shows a step that stalls (recompiles, allocator)
     sync(device)
     dt = (time.perf_counter() - t0) / iters
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
@@ -192,7 +195,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
             "student_top_kernels": student_kernels,
             "resolution": plan.resolution[0], "batch": part.batch_size,
             "teachers": _names(cfg, partition),
-            "step_ms": 1e3 * dt, "img_per_s": part.batch_size / dt,
+            "step_ms": 1e3 * dt, "step_enqueue_ms": [round(1e3 * (b - a), 1) for a, b in zip([t0, *step_ends], step_ends)], "img_per_s": part.batch_size / dt,
             "teacher_tflop_per_step": teacher_flops / 1e12, "student_tflop_per_step": student_flops / 1e12,
             "achieved_tflops": (teacher_flops + student_flops) / dt / 1e12, "peak_gib": peak,
             "student_params_m": sum(p.numel() for p in model.encoder.parameters()) / 1e6}
@@ -301,6 +304,8 @@ def main() -> int:
         print("    phases (ms, synchronised): " + "  ".join(f"{k} {v:.1f}" for k, v in ph.items())
               + f"  | teacher MFU {100 * row['teacher_mfu']:.1f}%  student MFU {100 * row['student_mfu']:.1f}%",
               flush=True)
+        print("    timed steps, CPU time to enqueue each (ms): " + " ".join(f"{v:.0f}" for v in row["step_enqueue_ms"]),
+              flush=True)
         for tname, t in row["per_teacher"].items():
             print(f"    teacher {tname}: {t['ms']:.1f} ms, {t['tflop']:.2f} TFLOP, "
                   f"MFU {100 * t['tflop'] / (t['ms'] / 1e3) / args.peak_tflops:.1f}%", flush=True)
@@ -312,6 +317,12 @@ def main() -> int:
                 print(f"        {ms:8.2f} ms  {k}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.compile:  # a block that recompiles past dynamo's limit runs eager: say so, or timings mislead
+        from torch._dynamo.utils import counters
+
+        print("    torch.compile: " + "  ".join(f"{k} {dict(counters[k])}" for k in ("frames", "stats", "recompiles")
+                                               if counters.get(k)) + f"  graph breaks {sum(counters['graph_break'].values())}",
+              flush=True)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "precision": precision, "peak_tflops": args.peak_tflops,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tiny VLM on synthetic shapes VQA: 2x2 pixel-unshuffle vs no compression (tokens vs accuracy).
 
-Generates the synthetic data (VQA train seed 0, held-out seed 1, captioned images seed 2), trains the tiny
+Generates the synthetic data (VQA train seed 0 or ``--train-seeds``, held-out seed 1, captioned images seed 2), trains the tiny
 VLM of ``configs/vlm/tiny-cpu-vqa.yaml`` (tiny RADIO student, trained -> compressor -> projector -> tiny
 Nemotron-H with Mamba-2, attention and MLP layers) once per compressor, and prints one table: tokens per
 image, held-out VQA accuracy (VQAv2 metric) overall and per question category, the same model with the
@@ -31,18 +31,53 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vlm" / "tiny-cpu-vqa
 CATEGORIES = ("color", "shape", "count", "position", "relation", "existence", "text")
 
 
-def make_data(out: Path, n_train: int, n_test: int, n_captions: int, caption_style: str = "global") -> dict[str, Path]:
+def make_data(out: Path, n_train: int, n_test: int, n_captions: int, caption_style: str = "global",
+              train_seeds: tuple[int, ...] = (0,), workers: int = 1) -> dict[str, Path]:
+    """The experiment's shard directories under ``out/data``, generated where missing. Training VQA: ``n_train``
+    samples of each seed in ``train_seeds``; one seed (0) writes ``data/vqa`` itself, several write
+    ``data/vqa-s<seed>`` each (``workers`` at a time) and link them all into ``data/vqa``."""
     from mmfm.data.synth import write_synthetic
 
+    if 1 in train_seeds:
+        raise ValueError("--train-seeds must not contain 1: seed 1 is the held-out VQA set")
     captions = "captions" if caption_style == "global" else f"captions-{caption_style}"
     paths = {"train": out / "data" / "vqa", "test": out / "data" / "vqa-test", "captions": out / "data" / captions}
     if not paths["train"].is_dir():
-        write_synthetic("vqa", n_train, paths["train"], seed=0)
+        if tuple(train_seeds) == (0,):
+            write_synthetic("vqa", n_train, paths["train"], seed=0)
+        else:
+            _write_seed_sets(paths["train"], n_train, train_seeds, workers)
     if not paths["test"].is_dir():
         write_synthetic("vqa", n_test, paths["test"], seed=1)
     if n_captions and not paths["captions"].is_dir():
         write_synthetic("images", n_captions, paths["captions"], seed=2, caption_style=caption_style)
     return paths
+
+
+def _write_seed_sets(train: Path, n: int, seeds: tuple[int, ...], workers: int) -> None:
+    """``n`` VQA samples per seed in ``<train>-s<seed>`` (kept if present: a set of another run can be linked
+    there), then ``train`` as a directory of links to all of them, renamed into place when whole."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mmfm.data.synth import write_synthetic
+
+    missing = [s for s in seeds if not train.with_name(f"{train.name}-s{s}").is_dir()]
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(missing) or 1))) as pool:
+        # each set goes to a temporary name first, so an interrupted run regenerates it instead of using half
+        jobs = [pool.submit(write_synthetic, "vqa", n, train.with_name(f".{train.name}-s{s}.partial"), seed=s)
+                for s in missing]
+        for job in jobs:
+            job.result()
+    for s in missing:
+        train.with_name(f".{train.name}-s{s}.partial").rename(train.with_name(f"{train.name}-s{s}"))
+    tmp = train.with_name(f".{train.name}.partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for s in seeds:
+        for shard in sorted(train.with_name(f"{train.name}-s{s}").glob("*.tar")):
+            link = tmp / f"s{s}-{shard.name}"
+            if not link.is_symlink():
+                link.symlink_to(shard.resolve())
+    tmp.rename(train)
 
 
 def caption_conversations(captions: Path, out: Path) -> Path:
@@ -272,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/vlm_experiment"), help="run directory")
     p.add_argument("--config", type=Path, default=CONFIG, help="VLM training recipe")
-    p.add_argument("--n-train", type=int, default=16384, help="training VQA samples")
+    p.add_argument("--n-train", type=int, default=16384, help="training VQA samples (per seed of --train-seeds)")
+    p.add_argument("--train-seeds", type=int, nargs="+", default=[0],
+                   help="seeds of the training VQA sets, --n-train samples each (1 is the held-out set's)")
     p.add_argument("--n-test", type=int, default=350, help="held-out VQA samples (evaluated)")
     p.add_argument("--steps", type=int, default=None, help="VQA training steps per setting (default: the recipe's)")
     p.add_argument("--caption-steps", type=int, default=800, help="caption pre-training steps (0: none)")
@@ -304,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     paths = make_data(args.out, args.n_train, args.n_test,
-                      args.n_captions if args.caption_steps or args.mix_captions else 0, args.caption_style)
+                      args.n_captions if args.caption_steps or args.mix_captions else 0, args.caption_style,
+                      tuple(args.train_seeds), workers=args.threads)
     settings = [("2x2 pixel-unshuffle", "unshuffle2x2", ["model.compressor=pixel_unshuffle", "model.compress_factor=2"]),
                 ("no compression", "none", ["model.compressor=none"])]
     rows = [run_one(run_dir, ov, paths, args.out, args) | {"name": name} for name, run_dir, ov in settings

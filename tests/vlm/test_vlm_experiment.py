@@ -75,3 +75,26 @@ def test_pretrain_encoder_needs_whole_grid_cells(tmp_path, load_script):
     cfg = load_config(VLMTrainConfig, script.CONFIG, ["model.image_size=64"])  # 4 tokens per side
     with pytest.raises(ValueError, match="not a multiple of 3"):
         script.pretrain_encoder(cfg, tmp_path, steps=1, n_images=520)
+
+
+def test_make_data_links_one_set_per_training_seed(tmp_path, load_script):
+    """--train-seeds: n samples per seed, each seed's own scenes, all linked into data/vqa; a set already in
+    place (e.g. linked from another run) is kept, not regenerated; seed 1 (held out) is refused."""
+    from mmfm.data.shards import read_shards
+
+    script = load_script("vlm_experiment")
+    one = script.make_data(tmp_path / "one", n_train=6, n_test=2, n_captions=0)  # the default: seed 0 only
+    (tmp_path / "two" / "data").mkdir(parents=True)
+    (tmp_path / "two" / "data" / "vqa-s0").symlink_to(one["train"].resolve())
+    two = script.make_data(tmp_path / "two", n_train=6, n_test=2, n_captions=0, train_seeds=(0, 5), workers=2)
+    links = sorted(p.name for p in two["train"].iterdir())
+    assert links == ["s0-shard-000000.tar", "s5-shard-000000.tar"] and all(
+        p.is_symlink() for p in two["train"].iterdir())
+    def questions(path):
+        return [str(x.messages) for x in read_shards(path, schema="conversation")]
+
+    assert questions(two["train"].with_name("vqa-s0")) == questions(one["train"])
+    seed5 = questions(two["train"].with_name("vqa-s5"))
+    assert len(seed5) == 6 and seed5 != questions(one["train"])
+    with pytest.raises(ValueError, match="held-out"):
+        script.make_data(tmp_path / "three", n_train=6, n_test=2, n_captions=0, train_seeds=(0, 1))
