@@ -191,7 +191,9 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         targets = maker.targets(plan, maker.teacher_outputs(plan, x))
         student_kernels = _top_kernels(lambda: engine.backward(engine.forward(x, targets)["loss"]), device, 12)
         engine.step()
+    compiled = _compiled_forwards([model, *teachers.values()]) if cfg.compile else {}
     return {"phase_ms": {k: 1e3 * v / iters for k, v in phases.items()}, "per_teacher": per_teacher,
+            "compiled_forwards": compiled,
             "student_top_kernels": student_kernels,
             "resolution": plan.resolution[0], "batch": part.batch_size,
             "teachers": _names(cfg, partition),
@@ -222,6 +224,16 @@ def _per_teacher(maker: TargetMaker, plan: StepPlan, x: torch.Tensor, iters: int
             row["top_kernels"] = _top_kernels(functools.partial(maker.teacher_output, name, x), device, 8)
         out[name] = row
     return out
+
+
+def _compiled_forwards(models: Iterable[torch.nn.Module]) -> dict[str, int]:
+    """Dynamo cache entries of the ``forward`` of each class whose modules were compiled in place: 0 means
+    those blocks ran eager although ``.compile()`` was called on them."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    classes = {type(m) for model in models for m in model.modules() if getattr(m, "_compiled_call_impl", None)}
+    return {f"{c.__module__}.{c.__qualname__}": len(_debug_get_cache_entry_list(c.forward.__code__))
+            for c in sorted(classes, key=lambda c: c.__qualname__)}
 
 
 def _top_kernels(fn, device: torch.device, n: int) -> list[tuple[str, float]]:
@@ -304,6 +316,9 @@ def main() -> int:
         print("    phases (ms, synchronised): " + "  ".join(f"{k} {v:.1f}" for k, v in ph.items())
               + f"  | teacher MFU {100 * row['teacher_mfu']:.1f}%  student MFU {100 * row['student_mfu']:.1f}%",
               flush=True)
+        if row["compiled_forwards"]:
+            print("    compiled blocks, dynamo cache entries of their forward: " + ", ".join(
+                f"{'.'.join(k.split('.')[-2:])} {n}" for k, n in row["compiled_forwards"].items()), flush=True)
         print("    timed steps, CPU time to enqueue each (ms): " + " ".join(f"{v:.0f}" for v in row["step_enqueue_ms"]),
               flush=True)
         for tname, t in row["per_teacher"].items():
