@@ -27,6 +27,7 @@ from mmfm.radio.distill import (
     compile_repeated_blocks,
     fit_normalizers_initial,
     plan_step,
+    run_teacher,
     setup,
     stitch_tiles,
     teacher_space_predictor,
@@ -291,6 +292,26 @@ def test_compile_repeated_blocks_compiles_each_block_once():
     assert model[0][0].layers[0]._compiled_call_impl is None and model[1][0]._compiled_call_impl is None
     assert all(m._compiled_call_impl is None for m in model[3])
     assert list(model.state_dict()) == keys  # checkpoints and export see the same names
+
+
+@pytest.mark.slow
+def test_compiled_teachers_run_their_blocks_compiled_and_match_eager(load_script):
+    """The bench's tiny open_clip / timm DINOv2 / timm SAM teachers under ``compile: true``: every block class's
+    forward has a dynamo cache entry after one call (the blocks did not fall back to eager), and the outputs
+    equal the eager teachers' (fp32, atol 1e-4: inductor reorders float sums)."""
+    bench = load_script("bench_radio_train")
+    cfg = bench.make_config(True, 64, 128, 4, 2, "fp32")
+    torch.manual_seed(0)
+    eager, *_ = setup(cfg, "cpu")
+    cfg.compile = True
+    torch.manual_seed(0)
+    compiled, *_ = setup(cfg, "cpu")
+    for spec in cfg.teachers:
+        x = torch.rand(2, 3, spec.input_size, spec.input_size)
+        for a, b in zip(run_teacher(eager[spec.name], x), run_teacher(compiled[spec.name], x)):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    entries = bench._compiled_forwards(compiled.values())
+    assert len(entries) == 3 and all(n >= 1 for n in entries.values()), entries
 
 
 def test_compile_option_trains_like_eager(shards, tmp_path):
