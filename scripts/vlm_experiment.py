@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Tiny VLM on synthetic shapes VQA: 2x2 pixel-unshuffle vs no compression (tokens vs accuracy).
 
-Generates the synthetic data (VQA train seed 0 or ``--train-seeds``, held-out seed 1, captioned images seed 2), trains the tiny
-VLM of ``configs/vlm/tiny-cpu-vqa.yaml`` (tiny RADIO student, trained -> compressor -> projector -> tiny
-Nemotron-H with Mamba-2, attention and MLP layers) once per compressor, and prints one table: tokens per
-image, held-out VQA accuracy (VQAv2 metric) overall and per question category, the same model with the
-images shuffled across questions (an image-blind control: a model that reads its image loses accuracy
-there), and the per-category majority-answer baseline.
+Generates the synthetic data (VQA train seed 0 or ``--train-seeds``, held-out seed 1, captioned images seed
+2), trains the tiny VLM of ``configs/vlm/tiny-cpu-vqa.yaml`` (tiny RADIO student, trained -> compressor ->
+projector -> tiny Nemotron-H with Mamba-2, attention and MLP layers) once per compressor, and prints one
+table: tokens per image, held-out VQA accuracy (VQAv2 metric) overall and per question category, the same
+model with the images shuffled across questions (an image-blind control: a model that reads its image loses
+accuracy there), and the per-category majority-answer baseline.
 
 Each setting first trains every part on captioned images for ``--caption-steps`` (``data_kind=captions``:
 dense, per-word supervision that ties colour / shape / count words to the visual tokens) and then on VQA
@@ -57,11 +57,14 @@ def make_data(out: Path, n_train: int, n_test: int, n_captions: int, caption_sty
 def _write_seed_sets(train: Path, n: int, seeds: tuple[int, ...], workers: int) -> None:
     """``n`` VQA samples per seed in ``<train>-s<seed>`` (kept if present: a set of another run can be linked
     there), then ``train`` as a directory of links to all of them, renamed into place when whole."""
+    import shutil
     from concurrent.futures import ProcessPoolExecutor
 
     from mmfm.data.synth import write_synthetic
 
     missing = [s for s in seeds if not train.with_name(f"{train.name}-s{s}").is_dir()]
+    for s in missing:  # what an interrupted run left
+        shutil.rmtree(train.with_name(f".{train.name}-s{s}.partial"), ignore_errors=True)
     with ProcessPoolExecutor(max_workers=max(1, min(workers, len(missing) or 1))) as pool:
         # each set goes to a temporary name first, so an interrupted run regenerates it instead of using half
         jobs = [pool.submit(write_synthetic, "vqa", n, train.with_name(f".{train.name}-s{s}.partial"), seed=s)
