@@ -175,6 +175,7 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
     if origin in (dict, Mapping, typing.Mapping) or tp is dict:
         if isinstance(value, _Raw):
             value = yaml.safe_load(value)
+            _check_flow_mapping(value, key)
         if not isinstance(value, Mapping):
             raise TypeError(f"config key '{key}': expected a mapping, got {value!r}")
         kt, vt = args if args else (Any, Any)
@@ -263,6 +264,17 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     tmp.replace(path)
     return path
+
+
+def _check_flow_mapping(value: Any, key: str) -> None:
+    """YAML reads ``{a:1}`` (no space after the colon) as the key ``"a:1"`` with no value; in a free-form
+    mapping override that would pass silently, so it is an error that shows the two spellings that work."""
+    if isinstance(value, Mapping):
+        bad = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
+        if bad:
+            name, _, val = bad[0].partition(":")
+            raise ValueError(f"config key '{key}': {bad[0]!r} was read as a key with no value (YAML needs a space "
+                             f"after ':'); write '{key}={{{name}: {val}}}' (quoted) or '{key}.{name}={val}'")
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], str]]:

@@ -160,3 +160,10 @@ def test_list_index_overrides():
         load_config(WithTeachers, None, ["teachers.5.weight=1"])
     with pytest.raises(ValueError, match=r"unknown config key 'teachers\[0\]\.wieght'"):
         load_config(WithTeachers, None, ["teachers.0.wieght=1"])
+
+
+def test_mapping_override_without_space_after_colon_is_an_error_with_the_fix():
+    """YAML reads `{clip:2}` as the key 'clip:2' with no value; that must not pass silently."""
+    with pytest.raises(ValueError, match=r"weights=\{clip: 2\}.*weights\.clip=2"):
+        load_config(Cfg, None, ["weights={clip:2}"])
+    assert load_config(Cfg, None, ["weights={clip: 2}"]).weights == {"clip": 2.0}
