@@ -62,25 +62,31 @@ def _write_seed_sets(train: Path, n: int, seeds: tuple[int, ...], workers: int) 
 
     from mmfm.data.synth import write_synthetic
 
-    missing = [s for s in seeds if not train.with_name(f"{train.name}-s{s}").is_dir()]
-    for s in missing:  # what an interrupted run left
-        shutil.rmtree(train.with_name(f".{train.name}-s{s}.partial"), ignore_errors=True)
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(missing) or 1))) as pool:
+    def seed_dir(s: int, partial: bool = False) -> Path:
         # each set goes to a temporary name first, so an interrupted run regenerates it instead of using half
-        jobs = [pool.submit(write_synthetic, "vqa", n, train.with_name(f".{train.name}-s{s}.partial"), seed=s)
-                for s in missing]
-        for job in jobs:
+        return train.with_name(f".{train.name}-s{s}.partial" if partial else f"{train.name}-s{s}")
+
+    missing = [s for s in seeds if not seed_dir(s).is_dir()]
+    for s in missing:  # what an interrupted run left
+        shutil.rmtree(seed_dir(s, partial=True), ignore_errors=True)
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(missing)))) as pool:
+        for job in [pool.submit(write_synthetic, "vqa", n, seed_dir(s, partial=True), seed=s) for s in missing]:
             job.result()
     for s in missing:
-        train.with_name(f".{train.name}-s{s}.partial").rename(train.with_name(f"{train.name}-s{s}"))
+        seed_dir(s, partial=True).rename(seed_dir(s))
     tmp = train.with_name(f".{train.name}.partial")
     tmp.mkdir(parents=True, exist_ok=True)
     for s in seeds:
-        for shard in sorted(train.with_name(f"{train.name}-s{s}").glob("*.tar")):
-            link = tmp / f"s{s}-{shard.name}"
-            if not link.is_symlink():
-                link.symlink_to(shard.resolve())
+        link_shards(seed_dir(s), tmp, prefix=f"s{s}-")
     tmp.rename(train)
+
+
+def link_shards(src: Path, dst: Path, prefix: str) -> None:
+    """Link every ``src/*.tar`` into ``dst`` as ``<prefix><name>`` (links already there are kept)."""
+    for shard in sorted(src.glob("*.tar")):
+        link = dst / f"{prefix}{shard.name}"
+        if not link.is_symlink():
+            link.symlink_to(shard.resolve())
 
 
 def caption_conversations(captions: Path, out: Path) -> Path:
@@ -264,10 +270,7 @@ def run_one(name: str, overrides: list[str], paths: dict[str, Path], out: Path, 
     if args.mix_captions:  # one directory holding both shard sets (links to the VQA shards), shuffled together
         mix = paths["train"].parent / f"vqa-with-{paths['captions'].name}"
         caption_conversations(paths["captions"], mix)
-        for shard in sorted(paths["train"].glob("*.tar")):
-            link = mix / f"vqa-{shard.name}"
-            if not link.exists():
-                link.symlink_to(shard.resolve())
+        link_shards(paths["train"], mix, prefix="vqa-")
         train_shards = str(mix)
     cfg = load_config(VLMTrainConfig, args.config, common + [f"train_shards={train_shards}", "eval_shards=null"])
     if init_from is not None:
