@@ -179,6 +179,85 @@ def test_bf16_close_to_fp32(tmp_path):
         assert b == pytest.approx(a, rel=3e-2)
 
 
+def test_bf16_weights_match_hand_written_master_weight_loop():
+    """bf16_weights == a hand-written loop: bf16 copies of fp32 masters run under autocast, their bf16 grads
+    (two micro-batches summed) are clipped and stepped in fp32 by AdamW, the copies re-rounded. Bitwise on CPU."""
+    steps, cfg = 4, _opt_cfg(4)
+    torch.manual_seed(0)
+    masters = [p.detach().clone() for p in _model(0.0).parameters()]
+    torch.manual_seed(0)
+    engine = Engine(_model(0.0), cfg, precision="bf16", bf16_weights=True, grad_clip=0.5, grad_accum=2)
+    assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
+    ref = _model(0.0).to(torch.bfloat16)
+    opt = torch.optim.AdamW([{"params": [m for m in masters if m.ndim > 1], "weight_decay": 0.1},
+                             {"params": [m for m in masters if m.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr)
+    for step in range(steps):
+        with torch.no_grad():
+            for p, m in zip(ref.parameters(), masters):
+                p.copy_(m)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * cosine_schedule(step, cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio)
+        for micro in range(2):
+            x, y = _batch(step, micro)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                (F.mse_loss(ref(x).float(), y) / 2).backward()
+            engine.backward(F.mse_loss(engine.forward(x).float(), y))
+            engine.step()
+        for p, m in zip(ref.parameters(), masters):
+            m.grad = p.grad.float()
+            p.grad = None
+        norm = torch.nn.utils.clip_grad_norm_(masters, 0.5)
+        opt.step()
+        opt.zero_grad()
+        assert engine.last_grad_norm == float(norm)
+    got = dict(engine.master.named_masters())  # optimizer order: by name
+    sd = engine.model_state_dict()  # what checkpoints hold: the masters, not their rounding
+    for m, (name, p) in zip(masters, engine.module.named_parameters()):
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], m), name
+        assert torch.equal(sd[name], m) and torch.equal(p, m.to(torch.bfloat16)), name
+    with engine.full_precision_weights():
+        assert all(torch.equal(p, m) for p, m in zip(engine.module.parameters(), masters))
+    assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
+
+
+def test_bf16_weights_keep_updates_smaller_than_a_bf16_ulp():
+    """An update of 1e-4 on a weight of 1.0 is below bf16's resolution (ulp 2^-7): pure bf16 weights would not
+    move; the fp32 masters accumulate 100 of them and the bf16 weight moves by their sum."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    engine = Engine(model, OptimizerConfig(name="sgd", lr=1e-4, momentum=0.0, total_steps=100, min_lr_ratio=1.0), precision="bf16",
+                    bf16_weights=True, grad_clip=None)
+    x = torch.ones(1, 1)
+    for _ in range(100):
+        engine.backward(engine.forward(x).float().sum())  # d/dw = 1: each step subtracts lr
+        engine.step()
+    master = dict(engine.master.named_masters())["weight"]
+    assert float(master) == pytest.approx(1.0 - 100 * 1e-4, rel=1e-5)  # fp32 sum of 100 steps
+    assert float(engine.module.weight) == float(torch.tensor(1.0 - 100 * 1e-4).to(torch.bfloat16))
+    assert float(engine.module.weight) < 1.0
+
+
+def test_bf16_weights_resume_is_exact_and_needs_bf16(tmp_path):
+    kw = dict(precision="bf16", bf16_weights=True, grad_clip=1.0, grad_accum=2, ema_decay=0.95)
+    full, eng_full = _train(tmp_path / "unused", total=8, **kw)
+    first, _ = _train(tmp_path / "ck", total=8, stop=3, **kw)
+    rest, eng_res = _train(tmp_path / "ck", total=8, resume=True, **kw)
+    assert first + rest == full
+    for (n, a), (_, b) in zip(eng_full.master.named_masters(), eng_res.master.named_masters()):
+        assert torch.equal(a, b), n
+    for a, b in zip(eng_full.module.parameters(), eng_res.module.parameters()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    for n, t in eng_full.ema.state_dict().items():
+        assert torch.equal(t, eng_res.ema.state_dict()[n])
+    autocast, _ = _train(tmp_path / "unused2", total=4, precision="bf16")
+    masters, _ = _train(tmp_path / "unused3", total=4, precision="bf16", bf16_weights=True)
+    for a, b in zip(autocast, masters):
+        assert b == pytest.approx(a, rel=3e-2)  # the same training as autocast with fp32 weights, to bf16 noise
+    with pytest.raises(ValueError, match="bf16_weights needs precision='bf16'"):
+        Engine(_model(), _opt_cfg(4), precision="fp32", bf16_weights=True)
+
+
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_resume_is_exact_with_deepspeed(tmp_path, monkeypatch, zero):
     pytest.importorskip("deepspeed")
