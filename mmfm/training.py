@@ -157,7 +157,9 @@ def build_optimizer(
         raise ValueError("build_optimizer: the model has no parameter with requires_grad=True")
     if cfg.name in ("adamw", "adam"):
         cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        # one fused kernel per step on GPUs (the foreach default launches several per parameter chunk)
+        on_gpu = all(p.is_cuda for g in groups for p in g["params"])
+        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True if on_gpu else None)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     raise ValueError(f"OptimizerConfig.name must be 'adamw', 'adam' or 'sgd', got {cfg.name!r}")
@@ -345,6 +347,8 @@ class Engine:
 
         self.dist = init_distributed(force=deepspeed_config is not None)
         self.device = self.dist.device
+        if deepspeed_config is None:
+            model = model.to(self.device)  # first: the optimizer picks its fused GPU kernel from where the weights are
         optimizer = build_optimizer(model, self.optimizer_cfg, param_groups)
         if deepspeed_config is not None:
             import deepspeed
