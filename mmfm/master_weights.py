@@ -34,10 +34,6 @@ class MasterWeights:
         if optimizer.state:
             raise ValueError("MasterWeights: the optimizer has already stepped; wrap it before the first step")
         names = {id(p): n for n, p in module.named_parameters()}
-        self._aliases: dict[str, list[str]] = {}  # a tied weight's every name in the state dict
-        for n, p in module.named_parameters(remove_duplicate=False):
-            if id(p) in names:
-                self._aliases.setdefault(names[id(p)], []).append(n)
         self.params: list[nn.Parameter] = []
         self.masters: list[torch.Tensor] = []
         self.names: list[str] = []
@@ -81,10 +77,7 @@ class MasterWeights:
     def state_dict_over(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``state`` (a module state dict) with the fp32 masters in place of the rounded weights."""
         out = dict(state)
-        for name, m in self.named_masters():
-            for alias in self._aliases[name]:
-                if alias in out:
-                    out[alias] = m.detach().clone()
+        out.update((n, m.detach().clone()) for n, m in self.named_masters() if n in out)
         return out
 
     @torch.no_grad()

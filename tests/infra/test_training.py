@@ -336,24 +336,3 @@ def test_single_process_distributed_helpers():
     assert (random.random(), float(np.random.rand()), torch.rand(2).tolist()) == a
     with pytest.raises(ValueError, match="seed"):
         seed_everything(-1)
-
-
-def test_bf16_weights_checkpoint_holds_masters_under_every_name_of_a_tied_weight():
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 4)
-            self.b.weight = self.a.weight
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.b(self.a(x))
-
-    torch.manual_seed(0)
-    engine = Engine(Tied(), _opt_cfg(4), precision="bf16", bf16_weights=True)
-    engine.backward(engine.forward(torch.randn(3, 4)).float().pow(2).mean())
-    engine.step()
-    sd = engine.model_state_dict()
-    master = dict(engine.master.named_masters())["a.weight"]
-    assert sd["a.weight"].dtype == sd["b.weight"].dtype == torch.float32
-    assert torch.equal(sd["a.weight"], master) and torch.equal(sd["b.weight"], master)
