@@ -1,8 +1,7 @@
 """One training engine for every mmfm trainer, with or without DeepSpeed.
 
 ``Engine`` owns the model wrapper (plain / DDP / DeepSpeed), the optimizer, the cosine LR schedule with
-linear warm-up, gradient accumulation and clipping, bf16 autocast (optionally with the weights themselves in
-bf16 and fp32 masters in the optimizer: ``bf16_weights``), an optional EMA of the weights,
+linear warm-up, gradient accumulation and clipping, bf16 autocast, an optional EMA of the weights,
 non-finite loss handling, and checkpoints with exact resume. A trainer's loop is the same on every path::
 
     engine = Engine(model, OptimizerConfig(lr=3e-4, warmup_steps=100, total_steps=10_000),
@@ -38,7 +37,6 @@ from torch import nn
 
 from mmfm.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from mmfm.distributed import all_reduce_sum, get_world_size, init_distributed
-from mmfm.master_weights import MasterWeights
 
 __all__ = [
     "EMA",
@@ -87,9 +85,6 @@ class EngineConfig:
     on_nonfinite: Literal["raise", "skip"] = "raise"
     deepspeed_config: str | None = None
     micro_batch_size: int = 1  # fills DeepSpeed's train_micro_batch_size_per_gpu
-    # precision bf16 without DeepSpeed: trainable weights stored in bf16, fp32 masters in the optimizer
-    # (mmfm.master_weights); the residual stream is then bf16 instead of fp32 under autocast
-    bf16_weights: bool = False
 
 
 def cosine_schedule(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -179,13 +174,9 @@ class EMA:
             n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad
         }
 
-    def update(self, module: nn.Module) -> None:
-        self.update_from(module.named_parameters())
-
     @torch.no_grad()
-    def update_from(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Update from (name, tensor) pairs, e.g. fp32 master weights (``MasterWeights.named_masters``)."""
-        for n, p in named:
+    def update(self, module: nn.Module) -> None:
+        for n, p in module.named_parameters():
             if n in self.shadow:
                 self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
 
@@ -294,10 +285,6 @@ class Engine:
             of skipped micro-batches takes no optimizer step (DeepSpeed: a step with LR 0), counted in
             ``skipped_steps``; a non-finite gradient norm also skips the step (non-DeepSpeed path).
         micro_batch_size: per-rank micro-batch size (DeepSpeed bookkeeping only).
-        bf16_weights: with ``precision="bf16"`` and no DeepSpeed, store the trainable weights in bf16 with fp32
-            master copies in the optimizer (``mmfm.master_weights``; what DeepSpeed's bf16 mode does). Forward
-            still runs under autocast. Checkpoints hold the fp32 masters; ``full_precision_weights()`` puts
-            them in the model for evaluation, export or in-place edits.
         param_groups: optional custom groups, see ``build_optimizer``.
         find_unused_parameters: passed to DDP.
     """
@@ -316,7 +303,6 @@ class Engine:
         micro_batch_size: int = 1,
         param_groups: Iterable[Mapping[str, Any]] | None = None,
         find_unused_parameters: bool = False,
-        bf16_weights: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Engine: model must be an nn.Module, got {type(model).__name__}")
@@ -328,9 +314,6 @@ class Engine:
             raise ValueError(f"Engine: grad_clip must be >= 0 or None, got {grad_clip}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"Engine: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-        if bf16_weights and (precision != "bf16" or deepspeed_config is not None):
-            raise ValueError("Engine: bf16_weights needs precision='bf16' without DeepSpeed (DeepSpeed's bf16 mode "
-                             "keeps fp32 master weights itself); set precision: bf16 or drop bf16_weights")
         self.optimizer_cfg = optimizer_cfg or OptimizerConfig()
         self.precision: Precision = precision
         self.grad_clip = grad_clip or None
@@ -378,9 +361,6 @@ class Engine:
             self.zero_stage = 0
             self.module = model.to(self.device)
             self.optimizer = optimizer
-            # the EMA starts from the fp32 weights, before they are rounded to bf16
-            self.ema = EMA(self.module, ema_decay) if ema_decay is not None else None
-            self.master = MasterWeights(self.module, optimizer) if bf16_weights else None
             if get_world_size() > 1:
                 self._ddp = nn.parallel.DistributedDataParallel(
                     self.module,
@@ -390,9 +370,7 @@ class Engine:
                 self.model = self._ddp
             else:
                 self.model = self.module
-        if self._ds is not None:
-            self.ema = EMA(self.module, ema_decay) if ema_decay is not None else None
-            self.master = None
+        self.ema = EMA(self.module, ema_decay) if ema_decay is not None else None
         self._trainable = [p for p in self.module.parameters() if p.requires_grad]
 
     @classmethod
@@ -407,7 +385,6 @@ class Engine:
             ema_decay=cfg.ema_decay,
             on_nonfinite=cfg.on_nonfinite,
             micro_batch_size=cfg.micro_batch_size,
-            bf16_weights=cfg.bf16_weights,
         )
         args.update(kwargs)
         return cls(model, **args)
@@ -443,13 +420,6 @@ class Engine:
 
     def eval(self) -> Engine:
         return self.train(False)
-
-    @contextlib.contextmanager
-    def full_precision_weights(self) -> Iterator[None]:
-        """With ``bf16_weights``: within, the model's trainable weights are the fp32 masters themselves (for
-        evaluation, export, or in-place edits that must reach the masters). A no-op otherwise."""
-        with self.master.in_model() if self.master is not None else contextlib.nullcontext():
-            yield
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -528,18 +498,13 @@ class Engine:
                 self.last_grad_norm = None if norm is None else float(norm)
         elif boundary:
             self._set_lr(self.optimizer)
-            if self.master is not None:
-                self.master.fold_grads()
-            stepped = self.master.masters if self.master is not None else self._trainable
             max_norm = self.grad_clip if self.grad_clip else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(stepped, max_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self._trainable, max_norm)
             self.last_grad_norm = float(norm)
             if window_dead:
                 self.skipped_steps += 1  # nothing but skipped micro-batches: no optimizer step at all
             elif math.isfinite(self.last_grad_norm):
                 self.optimizer.step()
-                if self.master is not None:
-                    self.master.round_to_model()
             elif self.on_nonfinite == "raise":
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(
@@ -552,9 +517,7 @@ class Engine:
         if boundary:
             self._window_skipped = 0
             self.global_step += 1
-            if self.master is not None and self.ema is not None:
-                self.ema.update_from(self.master.named_masters())
-            elif self.ema is not None:
+            if self.ema is not None:
                 self.ema.update(self.module)
         return boundary
 
@@ -591,8 +554,6 @@ class Engine:
         """Full (unwrapped) model weights; under ZeRO-3 gathered (collective: call on every rank)."""
         if self._ds is not None and self.zero_stage == 3:
             return self._ds._zero3_consolidated_16bit_state_dict() or {}
-        if self.master is not None:
-            return self.master.state_dict_over(self.module.state_dict())  # the fp32 masters, not their rounding
         return self.module.state_dict()
 
     def save_checkpoint(
@@ -648,8 +609,6 @@ class Engine:
             if "model" not in ckpt.tensors:
                 raise ValueError(f"checkpoint {ckpt.path} has no model.safetensors")
             self.module.load_state_dict(ckpt.tensors["model"], strict=strict)
-            if self.master is not None:
-                self.master.load_from(ckpt.tensors["model"])
         state = dict(ckpt.state)
         if self.ema is not None:
             if "ema" not in ckpt.tensors:

@@ -866,7 +866,7 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
         evals = load_samples(cfg.data.eval_shards, cfg.data.eval_images)
         if start == 0:
             engine.eval()
-            with torch.random.fork_rng(devices=[]), engine.full_precision_weights():
+            with torch.random.fork_rng(devices=[]):
                 result["eval_before"] = evaluate_fidelity(
                     teacher_space_predictor(engine.module.encoder, normalizers), teachers, cfg.teachers, infos,
                     evals, eval_resolutions(cfg), cfg.student.patch_size, cfg.data.eval_batch_size)
@@ -899,8 +899,7 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
             if cfg.normalizer_schedule.carry_adaptors and engine.uses_deepspeed and step + 1 == sched.refit_every:
                 log.warning("normalizer_schedule.carry_adaptors is not applied under DeepSpeed (separate master "
                             "weights): the adaptor heads re-learn after each normaliser refit")
-            with engine.full_precision_weights():  # the carried heads are edited in their fp32 masters
-                maker.fit(engine.module.encoder.adaptors if carry else None)
+            maker.fit(engine.module.encoder.adaptors if carry else None)
         scalars = _reduce_metrics(metrics)
         for name, norm in normalizers.items():
             alpha = _norm_alpha(norm)
@@ -924,8 +923,7 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
     logger.close()
     result["final"] = dict(logger.latest)
     if is_main_process():
-        with engine.full_precision_weights():
-            final = copy.deepcopy(engine.module).float().cpu()
+        final = copy.deepcopy(engine.module).float().cpu()
         if engine.ema is not None:
             engine.ema.copy_to(final)
         norms_cpu = {n: copy.deepcopy(v).float().cpu() for n, v in normalizers.items()}

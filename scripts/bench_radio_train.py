@@ -274,8 +274,6 @@ def main() -> int:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny models")
     p.add_argument("--compile", action="store_true", help="torch.compile the student's and teachers' blocks")
-    p.add_argument("--bf16-weights", action="store_true",
-                   help="the student's weights in bf16 with fp32 masters in the optimizer (engine.bf16_weights)")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed config (e.g. configs/deepspeed/zero2.json)")
     p.add_argument("--profile", action="store_true",
                    help="time each teacher alone; top GPU kernels of each teacher and of the student")
@@ -297,11 +295,10 @@ def main() -> int:
     if args.tiny:
         args.low, args.high, args.batch_low, args.batch_high, args.warmup, args.iters = 64, 128, 4, 2, 1, 2
     device = torch.device(args.device)
-    precision = "bf16" if device.type == "cuda" or args.bf16_weights else "fp32"
+    precision = "bf16" if device.type == "cuda" else "fp32"
     cfg = make_config(args.tiny, args.low, args.high, args.batch_low, args.batch_high, precision)
     cfg.compile = args.compile
     cfg.engine.deepspeed_config = args.deepspeed
-    cfg.engine.bf16_weights = args.bf16_weights
     rows = []
     for partition, pname in enumerate(("low", "high")):
         if pname not in args.points:
@@ -346,7 +343,6 @@ def main() -> int:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "precision": precision, "peak_tflops": args.peak_tflops,
             "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "deepspeed": args.deepspeed,
-            "bf16_weights": args.bf16_weights,
             "teacher_autocast": args.teacher_autocast, "student_sdpa": args.student_sdpa,
             "timm_sam_attention": args.timm_sam_attention}
     if args.json:
