@@ -314,6 +314,20 @@ def test_compiled_teachers_run_their_blocks_compiled_and_match_eager(load_script
     assert len(entries) == 3 and all(n >= 1 for n in entries.values()), entries
 
 
+@pytest.mark.slow
+def test_bench_compiled_blocks_sees_the_compiled_regions(load_script, tmp_path, monkeypatch):
+    """scripts/bench_compiled_blocks.py --tiny: both blocks of the tiny timm ViT run as compiled regions."""
+    import json
+    import sys
+
+    bench = load_script("bench_compiled_blocks")
+    out = tmp_path / "row.json"
+    monkeypatch.setattr(sys, "argv", ["bench_compiled_blocks", "--tiny", "--device", "cpu", "--json", str(out)])
+    assert bench.main() == 0
+    row = json.loads(out.read_text())
+    assert row["compiled_blocks"] == 2 and row["compiled_region_calls"] == 2, row
+
+
 def test_compile_option_trains_like_eager(shards, tmp_path):
     # one resolution, no mosaic: every block compiles once (CPU inductor); losses agree with eager
     kw = dict(partitions=[PartitionConfig("low", [32], 1.0, 4)], steps=2, ckpt_every=2,
