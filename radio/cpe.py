@@ -114,9 +114,12 @@ class CroppedPositionEmbedding(nn.Module):
         gy = oy[:, None] + sy[:, None] * lin_y[None]  # (n, h)
         coords = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # (n, h, w, 2)
         coords = coords * 2 - 1
-        pos = F.grid_sample(self.grid().float().expand(n, -1, -1, -1), coords, mode="bilinear",
-                            align_corners=True)  # (n, D, h, w)
-        pos = pos.flatten(2).transpose(1, 2)  # (n, h*w, D)
+        # All n crops read the one grid: stacked along the output height they are one (1, n*h, w) sampling of
+        # it. Sampling each from a batch-expanded copy of the grid would materialise n copies of the whole
+        # (D, G, G) grid and of its gradient (3 GiB each for ViT-B at G = 128, B = 64).
+        pos = F.grid_sample(self.grid().float(), coords.reshape(1, n * h, w, 2), mode="bilinear",
+                            align_corners=True)  # (1, D, n*h, w)
+        pos = pos.reshape(-1, n, h * w).permute(1, 2, 0)  # (n, h*w, D)
         if self.pos_dropout > 0:
             keep = (rand[:, 4] >= self.pos_dropout).to(pos.dtype)
             pos = pos * keep[:, None, None]

@@ -1,6 +1,8 @@
 """Student ViT: patch layout, attention, CPE, ViTDet windows, checkpointing, sizes (refs: unfold, naive attention,
 per-window loop, timm block shapes)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,38 @@ def test_cpe_training_crops():
     with cpe.video_frames(2):
         pos = cpe(4, 3, 3)
     assert torch.equal(pos[0], pos[1]) and not torch.equal(pos[1], pos[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpe_crops_match_per_sample_grid_sample(dtype):
+    """The n crops sampled as one stacked grid == each crop sampled on its own (``F.grid_sample`` per sample,
+    the definition), in value and in the gradient reaching the grid; fp32 exact to 1e-6, a bf16 grid to bf16."""
+    torch.manual_seed(0)
+    cpe = CroppedPositionEmbedding(8, max_grid=16, pos_dropout=0.0).train().to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    pos = cpe.random_crops(5, 6, 9, generator=gen)
+    # the same crops, by the definition: replay the generator, sample each crop on its own
+    gen = torch.Generator().manual_seed(3)
+    rand = torch.rand(5, 5, generator=gen)
+    lo, hi = math.log(3 / 4), math.log(4 / 3)
+    area, aspect = 0.1 + 0.9 * rand[:, 0], torch.exp(lo + (hi - lo) * rand[:, 1])
+    sx = (9 / 9 * torch.sqrt(area * aspect)).clamp(max=1.0)
+    sy = (6 / 9 * torch.sqrt(area / aspect)).clamp(max=1.0)
+    ox, oy = (1 - sx) * rand[:, 2], (1 - sy) * rand[:, 3]
+    ref = []
+    for i in range(5):
+        gx = ox[i] + sx[i] * torch.linspace(0, 1, 9)
+        gy = oy[i] + sy[i] * torch.linspace(0, 1, 6)
+        xy = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None] * 2 - 1  # (1, 6, 9, 2)
+        one = F.grid_sample(cpe.grid().float(), xy, mode="bilinear", align_corners=True)  # (1, D, 6, 9)
+        ref.append(one.flatten(2).transpose(1, 2)[0])
+    ref = torch.stack(ref).to(dtype)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(pos, ref, **tol)
+    w = torch.randn(pos.shape)
+    (g,) = torch.autograd.grad((pos.float() * w).sum(), cpe.weight)
+    (g_ref,) = torch.autograd.grad((ref.float() * w).sum(), cpe.weight)
+    torch.testing.assert_close(g.float(), g_ref.float(), **tol)
 
 
 def test_vitdet_windows_match_per_window_reference():
