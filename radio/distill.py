@@ -526,12 +526,22 @@ class DistillModel(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: Mapping[str, Mapping[str, torch.Tensor]]
                 ) -> dict[str, torch.Tensor]:
-        out = self.encoder(images, feature_fmt="NCHW")
+        # the heads of a teacher with no targets this step (e.g. SAM outside its partition) are not run
+        run = [n for n in self.encoder.adaptors if n in targets]
+        out = self.encoder(images, feature_fmt="NCHW", adaptors=run or None)
         losses: dict[str, torch.Tensor] = {}
         present: dict[str, bool] = {}
         metrics: dict[str, torch.Tensor] = {}
         dead = images.new_zeros(())  # zero-weighted terms keep unused heads in the graph
-        for name in self.encoder.adaptors:
+        for name, ad in self.encoder.adaptors.items():
+            if name not in out:
+                # zero-weighted terms on the skipped heads' weights: every parameter still gets a (zero) gradient,
+                # as DDP and ZeRO expect, without running the heads on every token
+                for key, head in ((f"{name}/summary", ad.summary), (f"{name}/feature", ad.feature)):
+                    if head is not None:
+                        losses[key] = 0.0 * sum(p.float().sum() for p in head.parameters())
+                        present[key] = False
+                continue
             pred = out[name]
             tgt = targets.get(name, {})
             ws, wf = self.weights[name]

@@ -118,6 +118,33 @@ def test_one_step_per_option(shards, feature, normalizer, balancing, match, mosa
     assert any(k.startswith("encoder.adaptors.a.feature") for k in changed)
 
 
+def test_heads_of_an_absent_teacher_are_not_run_but_get_zero_gradients(shards):
+    """Low partition: teacher "c" (high only) has no targets, so its feature head does not run on the tokens,
+    yet every trainable parameter gets a gradient (DDP / ZeRO need that), zero for c's heads."""
+    from mmfm.radio.distill import SampleStream, samples_needed
+
+    cfg = _cfg(shards)
+    teachers, infos, model, norms = setup(cfg)
+    maker = TargetMaker(cfg, teachers, infos, norms, torch.device("cpu"))
+    fit_normalizers_initial(cfg, maker)
+    plan = StepPlan(0, (48, 48), 1)
+    images, units = build_batch(SampleStream(cfg.data.train_shards, 0, 0).take(samples_needed(cfg, plan)), plan, 16)
+    targets = maker.targets(plan, maker.teacher_outputs(plan, units))
+    assert set(targets) == {"a", "b"}
+    calls = []
+    model.encoder.adaptors["c"].feature.register_forward_hook(lambda *_: calls.append(1))
+    out = model(images, targets)
+    out["loss"].backward()
+    assert not calls
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+            if name.startswith("encoder.adaptors.c."):
+                assert not p.grad.any(), name
+    assert model.encoder.adaptors["a"].feature is not None
+    assert any(p.grad.any() for p in model.encoder.adaptors["a"].feature.parameters())
+
+
 def test_featsharp_teacher_gives_finer_targets(shards, tmp_path):
     from mmfm.radio.distill import build_teachers
     from mmfm.radio.featsharp import FeatSharpUpsampler
