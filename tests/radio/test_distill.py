@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,6 +354,18 @@ def test_bench_compiled_blocks_sees_the_compiled_regions(load_script, tmp_path, 
     assert bench.main() == 0
     row = json.loads(out.read_text())
     assert row["compiled_blocks"] == 2 and row["compiled_region_calls"] == 2, row
+
+
+@pytest.mark.slow
+def test_profile_radio_student_tiny_runs(load_script, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
+    mod = load_script("profile_radio_student")
+    monkeypatch.setattr(sys, "argv", ["profile_radio_student", "--tiny"])
+    assert mod.main() == 0
+    text = capsys.readouterr().out
+    assert "backbone alone, forward + backward" in text and "top aten ops by input shape" in text
 
 
 def test_compile_option_trains_like_eager(shards, tmp_path):
