@@ -359,7 +359,7 @@ class Engine:
         else:
             self.deepspeed_config = None
             self.zero_stage = 0
-            self.module = model.to(self.device)
+            self.module = model  # already on self.device
             self.optimizer = optimizer
             if get_world_size() > 1:
                 self._ddp = nn.parallel.DistributedDataParallel(

@@ -532,7 +532,6 @@ class DistillModel(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         present: dict[str, bool] = {}
         metrics: dict[str, torch.Tensor] = {}
-        dead = images.new_zeros(())  # zero-weighted terms keep unused heads in the graph
         for name, ad in self.encoder.adaptors.items():
             if name not in out:
                 # zero-weighted terms on the skipped heads' weights: every parameter still gets a (zero) gradient,
@@ -575,7 +574,7 @@ class DistillModel(nn.Module):
                 metrics[f"loss/{key}"] = v.detach()
         for key, w in weights.items():
             metrics[f"weight/{key}"] = torch.as_tensor(w).detach().float()
-        return {"loss": total + dead, **metrics}
+        return {"loss": total, **metrics}
 
 
 # ----------------------------------------------------------------------------------------------- targets

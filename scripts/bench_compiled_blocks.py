@@ -14,30 +14,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import time
 from collections.abc import Callable
 
 import timm
 import torch
+from bench_radio_train import sync, time_ms  # scripts/ is on sys.path when a script is run
 from torch.profiler import ProfilerActivity, profile
 
 from mmfm.radio.distill import compile_repeated_blocks
-
-
-def _time_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    for _ in range(2):
-        fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / iters * 1e3
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _profile(fn: Callable[[], object], device: torch.device) -> dict[str, float]:
@@ -45,7 +29,7 @@ def _profile(fn: Callable[[], object], device: torch.device) -> dict[str, float]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         fn()
-        _sync(device)
+        sync(device)
     regions = collections.Counter(e.name for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
     triton_ms = sum(e.device_time_total for e in prof.key_averages() if e.key.startswith("triton_")) / 1e3
     return {"compiled_region_calls": sum(regions.values()), "triton_ms": triton_ms}
@@ -74,9 +58,9 @@ def main() -> int:
         with torch.no_grad():
             return model(x)
 
-    eager_ms = _time_ms(forward, device, args.iters)
+    eager_ms = time_ms(forward, device, args.iters)
     n_blocks = compile_repeated_blocks(model)
-    compiled_ms = _time_ms(forward, device, args.iters)
+    compiled_ms = time_ms(forward, device, args.iters)
     prof = _profile(forward, device)
     row = {"model": args.model, "size": args.size, "batch": args.batch, "dtype": str(dtype),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

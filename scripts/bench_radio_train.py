@@ -37,7 +37,7 @@ import functools
 import json
 import platform
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -93,6 +93,18 @@ def make_config(tiny: bool, low: int, high: int, batch_low: int, batch_high: int
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> float:
+    """Mean synchronised wall time of ``fn()`` over ``iters`` calls after ``warmup`` calls, in ms."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / iters * 1e3
 
 
 @contextlib.contextmanager

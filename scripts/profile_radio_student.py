@@ -13,8 +13,6 @@ by input shape (which tensor a copy or a reduction is on).
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -49,10 +47,6 @@ def main() -> int:
     engine.train()
     enc = model.encoder
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     def clear() -> None:
         for prm in model.parameters():
             prm.grad = None
@@ -80,27 +74,17 @@ def main() -> int:
         with torch.no_grad(), engine.autocast():
             enc.student.forward_tokens(enc.input_conditioner(x, torch.float32))
 
-    def time_ms(fn: Callable[[], None]) -> float:
-        fn()
-        fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / args.iters * 1e3
-
     print(f"{res} px, batch {b}, {dev.type}"
           + (f" ({torch.cuda.get_device_name(dev)}, torch {torch.__version__})" if dev.type == "cuda" else ""))
     for label, fn in [("full forward + backward (Engine: heads + losses)", full),
                       ("encoder with every head, sum-of-squares loss", encoder_heads),
                       ("backbone alone, forward + backward", backbone),
                       ("backbone alone, forward (no grad)", backbone_forward)]:
-        print(f"  {label}: {time_ms(fn):.1f} ms", flush=True)
+        print(f"  {label}: {bench.time_ms(fn, dev, args.iters):.1f} ms", flush=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts, record_shapes=True) as prof:
         full()
-        sync()
+        bench.sync(dev)
     print("top ops and kernels by self device time, one full forward + backward:")
     for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:28]:
         print(f"  {e.self_device_time_total / 1e3:7.2f} ms  n={e.count:4d}  {e.key[:110]}")

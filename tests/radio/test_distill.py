@@ -348,6 +348,7 @@ def test_bench_compiled_blocks_sees_the_compiled_regions(load_script, tmp_path, 
     import json
     import sys
 
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
     bench = load_script("bench_compiled_blocks")
     out = tmp_path / "row.json"
     monkeypatch.setattr(sys, "argv", ["bench_compiled_blocks", "--tiny", "--device", "cpu", "--json", str(out)])
