@@ -46,9 +46,10 @@ data stream position and the RNG state, which is what makes resume exact):
 
 Logged every step (TensorBoard + ``metrics.jsonl`` + tqdm): total loss, per-term losses and balancing
 weights, per-teacher summary / feature cosine similarity, feature fidelity ``Var(target) / MSE``, PHI-S
-``alpha`` (where the normaliser has one), resolution, mosaic flag, img/s, LR, gradient norm, skipped
-samples. Checkpoints (atomic, ``OUT/checkpoints/step_*``) hold weights, optimizer, RNG, the data position of
-every rank, and normaliser + balancer state, so ``--resume`` reproduces the uninterrupted loss sequence.
+``alpha`` (where the normaliser has one), resolution, mosaic flag, img/s, model TFLOP/s and MFU per GPU
+(``mmfm.radio.flops``; MFU where the GPU's peak is known), LR, gradient norm, skipped samples. Checkpoints
+(atomic, ``OUT/checkpoints/step_*``) hold weights, optimizer, RNG, the data position of every rank, and
+normaliser + balancer state, so ``--resume`` reproduces the uninterrupted loss sequence.
 At the end the model is exported (``export``): ``OUT/model`` (mmfm checkpoint, ``mmfm.radio.load``) and
 ``OUT/hf`` (Hugging Face ``radio`` + adaptor files), with each normaliser's inverse folded into its
 adaptor's last Linear so that adaptor outputs are in the teacher's own feature space.
@@ -57,6 +58,7 @@ adaptor's last Linear so that adaptor outputs are in the teacher's own feature s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -75,6 +77,7 @@ import torch.nn.functional as F
 from mmfm.radio.adaptors import AdaptorSpec, MLPSpec, TeacherAdaptor
 from mmfm.radio.balancing import build_balancer
 from mmfm.radio.encoder import RadioEncoder
+from mmfm.radio.flops import count_step_flops, dense_bf16_peak_tflops, possible_plans
 from mmfm.radio.losses import feature_loss, fidelity, match_resolution, summary_loss
 from mmfm.radio.normalizers import RefitSchedule, build_normalizer
 from mmfm.radio.teachers import TeacherSpec
@@ -228,6 +231,9 @@ class RadioTrainConfig:
     # torch.compile the student's and teachers' repeated blocks (fuses norm / bias / activation / residual
     # kernels on GPUs; costs compile time at each new resolution)
     compile: bool = False
+    # dense bf16 peak of one GPU (TFLOP/s) for the logged MFU; None: looked up by GPU name (H100/H200 989,
+    # A100 312, ...), and no MFU is logged for an unknown device (TFLOP/s always is)
+    peak_tflops: float | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the field for inconsistent settings."""
@@ -842,11 +848,17 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
     dist = init_distributed(force=cfg.engine.deepspeed_config is not None)
     device = dist.device
     rank, world = get_rank(), get_world_size()
-    teachers, infos, model, normalizers = setup(cfg, device)
+    teachers, infos, model, normalizers = setup(dataclasses.replace(cfg, compile=False), device)
+    maker = TargetMaker(cfg, teachers, infos, normalizers, device, build_upsamplers(cfg, teachers))
+    # FLOPs of every plan, counted on the eager models before any compile (mmfm.radio.flops says why)
+    step_flops = {plan: count_step_flops(maker, model.to(device).encoder, plan) for plan in possible_plans(cfg)}
+    peak_tflops = cfg.peak_tflops or dense_bf16_peak_tflops(device)
+    if cfg.compile:
+        for m in [model, *teachers.values()]:
+            compile_repeated_blocks(m)
     seed_everything(cfg.seed, rank)
     max_batch = max(q.batch_size for q in cfg.partitions)
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=max_batch)
-    maker = TargetMaker(cfg, teachers, infos, normalizers, engine.device, build_upsamplers(cfg, teachers))
     stream = SampleStream(cfg.data.train_shards, cfg.data.shuffle_buffer, cfg.seed)
     sched = RefitSchedule(cfg.normalizer_schedule.refit_every, cfg.normalizer_schedule.refit_until)
 
@@ -887,7 +899,7 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
         t0 = time.perf_counter()
         lr = engine.lr
         metrics: dict[str, torch.Tensor] = {}
-        n_images = 0
+        n_images, flops = 0, 0.0
         for micro in range(accum):
             plan = plan_step(cfg, step * accum + micro)
             student_images, units = build_batch(stream.take(samples_needed(cfg, plan)), plan,
@@ -900,6 +912,7 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
             engine.backward(res["loss"])
             engine.step()
             n_images += student_images.shape[0]
+            flops += step_flops[plan].total
             for k, v in res.items():
                 metrics[k] = metrics.get(k, 0.0) + v.detach().float() / accum
         done = step + 1
@@ -915,7 +928,11 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
             if alpha is not None:
                 scalars[f"phi_s_alpha/{name}"] = alpha
         dt = time.perf_counter() - t0
+        tflops = flops / max(dt, 1e-9) / 1e12  # per GPU
+        if peak_tflops:
+            scalars["mfu"] = tflops / peak_tflops
         logger.log(step, lr=lr, grad_norm=engine.last_grad_norm or 0.0, resolution=plan.resolution[0],
+                   tflops=tflops,
                    mosaic=plan.mosaic_k, img_per_s=n_images * world / max(dt, 1e-9),
                    skipped_samples=stream.skipped, **scalars)
         logger.advance()

@@ -34,6 +34,7 @@ from mmfm.radio.distill import (
     teacher_space_predictor,
     train,
 )
+from mmfm.radio.flops import count_step_flops, dense_bf16_peak_tflops, model_flops_paths, possible_plans
 from mmfm.radio.teachers import TeacherSpec
 from mmfm.training import Engine, EngineConfig, OptimizerConfig
 
@@ -250,6 +251,47 @@ def test_mosaic_targets_are_placed_tile_by_tile(shards):
     torch.testing.assert_close(targets["t"]["features"], whole, rtol=0, atol=1e-6)
 
 
+def test_possible_plans_are_the_plans_steps_draw(shards):
+    cfg = _cfg(shards)
+    plans = possible_plans(cfg)
+    assert set(plans) == {StepPlan(0, (32, 32), 1), StepPlan(0, (48, 48), 1), StepPlan(1, (64, 64), 1),
+                          StepPlan(1, (64, 64), 2)}
+    assert {plan_step(cfg, s) for s in range(400)} == set(plans)
+    cfg.partitions[1].mosaic_prob = 1.0  # every high step is a mosaic
+    cfg.partitions[0].probability = 0.0
+    assert possible_plans(cfg) == [StepPlan(1, (64, 64), 2)]
+
+
+@pytest.mark.parametrize("plan", [StepPlan(0, (48, 48), 1), StepPlan(1, (64, 64), 2)])
+def test_step_flops_equal_those_of_a_counted_training_step(shards, plan):
+    """count_step_flops (one image, scaled) against the FLOP counter around a real micro-batch: the teachers on
+    the batch's pictures and the student's forward + backward through the loss; RNG and gradients untouched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmfm.radio.distill import SampleStream, samples_needed
+
+    cfg = _cfg(shards)
+    teachers, infos, model, norms = setup(cfg)
+    maker = TargetMaker(cfg, teachers, infos, norms, torch.device("cpu"))
+    fit_normalizers_initial(cfg, maker)
+    rng = torch.get_rng_state()
+    flops = count_step_flops(maker, model.encoder, plan)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+
+    images, units = build_batch(SampleStream(cfg.data.train_shards, 0, 0).take(samples_needed(cfg, plan)), plan,
+                                cfg.student.patch_size)
+    with FlopCounterMode(display=False) as fc, model_flops_paths(teachers.values()):  # the models' own FLOPs
+        raw = maker.teacher_outputs(plan, units)
+    assert set(flops.teachers) == set(raw) and flops.teacher == pytest.approx(fc.get_total_flops(), rel=1e-9)
+    targets = maker.targets(plan, raw)
+    with FlopCounterMode(display=False) as fc:
+        model(images, targets)["loss"].backward()
+    assert flops.student == pytest.approx(fc.get_total_flops(), rel=1e-9)
+    assert flops.total == flops.teacher + flops.student > 0
+    assert dense_bf16_peak_tflops("cpu") is None
+
+
 def test_plan_is_deterministic_and_follows_probabilities(shards):
     cfg = _cfg(shards)
     plans = [plan_step(cfg, s) for s in range(400)]
@@ -294,10 +336,11 @@ def test_resume_is_exact_in_process(shards, tmp_path):
     ref = read_jsonl(tmp_path / "ref" / "metrics.jsonl")
     got = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(6))
+    assert all(r["tflops"] > 0 and "mfu" not in r for r in ref)  # no MFU: a CPU has no known peak
     for r, g in zip(ref, got):
         assert set(r) == set(g)
         for key in r:
-            if key != "img_per_s":
+            if key not in ("img_per_s", "tflops"):  # timings
                 assert g[key] == pytest.approx(r[key], abs=1e-6, rel=0), (r["step"], key)
 
 
@@ -469,7 +512,7 @@ def test_deepspeed_launch_kill_resume_is_identical(shards, tmp_path):
     assert [r["step"] for r in got] == list(range(6))
     for r, g in zip(ref, got):
         for key in r:
-            if key != "img_per_s":
+            if key not in ("img_per_s", "tflops"):  # timings
                 assert g[key] == pytest.approx(r[key], abs=1e-6, rel=0), (r["step"], key)
     ck = tmp_path / "run" / "checkpoints" / "step_00000006"
     for name in ("rank00000.pt", "rank00001.pt", "model.safetensors", "meta.json"):
