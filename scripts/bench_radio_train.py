@@ -14,8 +14,9 @@ Teachers (random init: timings do not depend on the weights), ViT-L sized as in 
         configs/radio/vit-b16-clip-dino-sam.yaml)
 Points: student resolution 432 (clip + dino) and 1024 (clip + dino + sam).
 
-MFU = FLOPs of one step (torch.utils.flop_counter over teachers' forward + student forward and backward:
-matmuls, convolutions and attention) / step time / the GPU's dense bf16 peak (``--peak-tflops``, 989 for
+MFU = FLOPs of one step (``mmfm.radio.flops``, as the trainer logs it: torch.utils.flop_counter over the
+teachers' forward + the student's forward and backward, matmuls, convolutions and attention) / step time /
+the GPU's dense bf16 peak (``--peak-tflops``, 989 for
 H100/H200 SXM). A second, synchronised pass over the same number of steps splits the step into phases
 (teachers, targets = PHI-S + resize, student forward + backward, optimizer step); "teacher MFU" and "student
 MFU" are each part's FLOPs over its own phase time. Peak memory = ``torch.cuda.max_memory_allocated`` over
@@ -31,16 +32,15 @@ partitions over ranks, so one GPU shows its bf16-weights + fp32-master memory la
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import datetime
 import functools
 import json
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from mmfm.radio import teachers as teachers_module
 from mmfm.radio.distill import (
@@ -49,8 +49,10 @@ from mmfm.radio.distill import (
     StepPlan,
     StudentConfig,
     TargetMaker,
+    compile_repeated_blocks,
     setup,
 )
+from mmfm.radio.flops import count_step_flops
 from mmfm.radio.teachers import Teacher, TeacherSpec
 from mmfm.training import EngineConfig, OptimizerConfig
 
@@ -107,39 +109,21 @@ def time_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: 
     return (time.perf_counter() - t0) / iters * 1e3
 
 
-@contextlib.contextmanager
-def model_flops_paths(teachers: Iterable[torch.nn.Module]) -> Iterator[None]:
-    """Count the models' own FLOPs, not those of the fast paths they take: PyTorch's fused
-    ``nn.MultiheadAttention`` inference path (open_clip; the FLOP counter sees none of it) is switched off,
-    and SAM's attention runs timm's forward instead of ``mmfm.radio.teachers``' folded bias (whose wider
-    q / k add FLOPs that are not the model's). MFU is then model FLOPs / time, as usual."""
-    restored = []
-    for t in teachers:
-        for m in t.modules():
-            if "forward" in m.__dict__:  # an instance-level forward patched in by mmfm
-                restored.append((m, m.__dict__.pop("forward")))
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, fwd in restored:
-            m.forward = fwd
-
-
 def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, warmup: int, iters: int,
                 gradient_checkpointing: bool, profile: bool = False, student_sdpa: list[str] | None = None) -> dict:
     from mmfm.training import Engine
 
-    teachers, infos, model, normalizers = setup(cfg, device)  # compiles the blocks when cfg.compile
+    teachers, infos, model, normalizers = setup(dataclasses.replace(cfg, compile=False), device)
     if gradient_checkpointing:
         model.encoder.student.set_grad_checkpointing(True)
     model.encoder.student.set_sdpa_backends(student_sdpa)
     part = cfg.partitions[partition]
-    engine = Engine.from_config(model, cfg.engine, micro_batch_size=part.batch_size)
-    maker = TargetMaker(cfg, teachers, infos, normalizers, engine.device)
+    maker = TargetMaker(cfg, teachers, infos, normalizers, device)
     plan = StepPlan(partition, (part.resolutions[0],) * 2, 1)
+    # FLOPs of one step, counted as the trainer does: on the eager models, before the Engine (DeepSpeed's
+    # gradient hooks) and before any compile (mmfm.radio.flops)
+    flops = count_step_flops(maker, model.to(device).encoder, plan)
+    engine = Engine.from_config(model, cfg.engine, micro_batch_size=part.batch_size)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def images() -> torch.Tensor:
@@ -158,18 +142,10 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         engine.backward(res["loss"])
         engine.step()
 
-    for _ in range(warmup):  # compiles outside the FLOP counter: dynamo may not compile under its dispatch mode
-        step()
-    # FLOPs of one step, split teacher / student, counted on an extra (untimed) step
-    with FlopCounterMode(display=False) as fc_teacher, model_flops_paths(maker.teachers.values()):
-        x = images()
-        raw = maker.teacher_outputs(plan, x)
-    with FlopCounterMode(display=False) as fc_student:
-        res = engine.forward(x, maker.targets(plan, raw))
-        engine.backward(res["loss"])
-    engine.step()
-    teacher_flops, student_flops = fc_teacher.get_total_flops(), fc_student.get_total_flops()
-    for _ in range(warmup):  # again: compiled blocks pay one-time costs after the counter's pass (~1 s a step)
+    if cfg.compile:
+        for m in [model, *teachers.values()]:
+            compile_repeated_blocks(m)
+    for _ in range(warmup):  # compiles, and pays the compiled blocks' one-time costs
         step()
     sync(device)
     if device.type == "cuda":
@@ -196,7 +172,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         t = _lap(device, phases, "student_fwd_bwd", t)
         engine.step()
         _lap(device, phases, "optimizer", t)
-    per_teacher = _per_teacher(maker, plan, images(), iters, device) if profile else {}
+    per_teacher = _per_teacher(maker, plan, images(), iters, device, flops.teachers) if profile else {}
     student_kernels = []
     if profile and device.type == "cuda":
         x = images()
@@ -204,39 +180,47 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         student_kernels = _top_kernels(lambda: engine.backward(engine.forward(x, targets)["loss"]), device, 12)
         engine.step()
     compiled = _compiled_forwards([model, *teachers.values()]) if cfg.compile else {}
+    regions = _compiled_region_calls(step) if cfg.compile else None
     return {"phase_ms": {k: 1e3 * v / iters for k, v in phases.items()}, "per_teacher": per_teacher,
-            "compiled_forwards": compiled,
+            "compiled_forwards": compiled, "compiled_region_calls_per_step": regions,
             "student_top_kernels": student_kernels,
             "resolution": plan.resolution[0], "batch": part.batch_size,
             "teachers": _names(cfg, partition),
             "step_ms": 1e3 * dt, "img_per_s": part.batch_size / dt,
             "step_enqueue_ms": [round(1e3 * (b - a), 1) for a, b in zip([t0, *step_ends], step_ends)],
-            "teacher_tflop_per_step": teacher_flops / 1e12, "student_tflop_per_step": student_flops / 1e12,
-            "achieved_tflops": (teacher_flops + student_flops) / dt / 1e12, "peak_gib": peak,
+            "teacher_tflop_per_step": flops.teacher / 1e12, "student_tflop_per_step": flops.student / 1e12,
+            "achieved_tflops": flops.total / dt / 1e12, "peak_gib": peak,
             "student_params_m": sum(p.numel() for p in model.encoder.parameters()) / 1e6}
 
 
-def _per_teacher(maker: TargetMaker, plan: StepPlan, x: torch.Tensor, iters: int,
-                 device: torch.device) -> dict[str, dict]:
-    """Each teacher alone on the step's images: ms and TFLOP, and on a GPU its top kernels (torch.profiler),
-    to see where a slow teacher's time goes."""
-    from mmfm.radio.distill import teachers_for
-
+def _per_teacher(maker: TargetMaker, plan: StepPlan, x: torch.Tensor, iters: int, device: torch.device,
+                 flops: dict[str, float]) -> dict[str, dict]:
+    """Each teacher alone on the step's images: ms and TFLOP (from ``flops``: FLOPs counted before any
+    compile), and on a GPU its top kernels (torch.profiler), to see where a slow teacher's time goes."""
     out = {}
-    for name in teachers_for(maker.cfg, plan):
+    for name, f in flops.items():
         maker.teacher_output(name, x)  # warm-up
-        with FlopCounterMode(display=False) as fc, model_flops_paths(maker.teachers.values()):
-            maker.teacher_output(name, x)
         sync(device)
         t0 = time.perf_counter()
         for _ in range(iters):
             maker.teacher_output(name, x)
         sync(device)
-        row = {"ms": 1e3 * (time.perf_counter() - t0) / iters, "tflop": fc.get_total_flops() / 1e12}
+        row = {"ms": 1e3 * (time.perf_counter() - t0) / iters, "tflop": f / 1e12}
         if device.type == "cuda":
             row["top_kernels"] = _top_kernels(functools.partial(maker.teacher_output, name, x), device, 8)
         out[name] = row
     return out
+
+
+def _compiled_region_calls(step: Callable[[], None]) -> int:
+    """Compiled-region entries (torch.profiler's "Torch-Compiled Region" events) in one training step: one per
+    compiled block that actually ran compiled, 0 when they all ran eager."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(e.name.startswith("Torch-Compiled Region") for e in prof.events())
 
 
 def _compiled_forwards(models: Iterable[torch.nn.Module]) -> dict[str, int]:
@@ -331,7 +315,8 @@ def main() -> int:
               flush=True)
         if row["compiled_forwards"]:
             print("    compiled blocks, dynamo cache entries of their forward: " + ", ".join(
-                f"{'.'.join(k.split('.')[-2:])} {n}" for k, n in row["compiled_forwards"].items()), flush=True)
+                f"{'.'.join(k.split('.')[-2:])} {n}" for k, n in row["compiled_forwards"].items())
+                + f"; compiled-region calls in one step: {row['compiled_region_calls_per_step']}", flush=True)
         print("    timed steps, CPU time to enqueue each (ms): " + " ".join(f"{v:.0f}" for v in row["step_enqueue_ms"]),
               flush=True)
         for tname, t in row["per_teacher"].items():
