@@ -49,7 +49,7 @@ from mmfm.radio.distill import (
     StepPlan,
     StudentConfig,
     TargetMaker,
-    compile_repeated_blocks,
+    compile_models,
     setup,
 )
 from mmfm.radio.flops import count_step_flops
@@ -143,8 +143,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         engine.step()
 
     if cfg.compile:
-        for m in [model, *teachers.values()]:
-            compile_repeated_blocks(m)
+        compile_models(model, teachers)
     for _ in range(warmup):  # compiles, and pays the compiled blocks' one-time costs
         step()
     sync(device)
