@@ -98,7 +98,6 @@ __all__ = [
     "build_student",
     "build_teachers",
     "build_upsamplers",
-    "compile_models",
     "compile_repeated_blocks",
     "export",
     "plan_step",
@@ -308,34 +307,19 @@ def build_teachers(cfg: RadioTrainConfig, device: torch.device | str = "cpu") ->
     return out
 
 
-def compile_repeated_blocks(module: nn.Module, keep_eager: Callable[[nn.Module], bool] | None = None) -> int:
+def compile_repeated_blocks(module: nn.Module) -> int:
     """``torch.compile`` in place every block of each ``nn.ModuleList`` or ``nn.Sequential`` of >= 2 composite
     modules of one class (the transformer blocks of open_clip, transformers and mmfm models are ModuleLists,
     timm's are a Sequential; lists inside a compiled block are left to it); returns how many were compiled.
     Blocks of one class share one ``forward``, so one graph per input shape serves them all; state-dict keys
-    are unchanged (``nn.Module.compile``). Block lists whose first block satisfies ``keep_eager`` stay eager."""
+    are unchanged (``nn.Module.compile``)."""
     blocks = list(module) if isinstance(module, (nn.ModuleList, nn.Sequential)) else []
     composite = bool(blocks) and next(blocks[0].children(), None) is not None  # a block, not a leaf layer
     if len(blocks) >= 2 and len({type(b) for b in blocks}) == 1 and composite:
-        if keep_eager is not None and keep_eager(blocks[0]):
-            return 0
         for block in blocks:
             block.compile()
         return len(blocks)
-    return sum(compile_repeated_blocks(child, keep_eager) for child in module.children())
-
-
-def _has_multihead_attention(block: nn.Module) -> bool:
-    return any(isinstance(m, nn.MultiheadAttention) for m in block.modules())
-
-
-def compile_models(model: nn.Module, teachers: Mapping[str, nn.Module]) -> int:
-    """What ``compile: true`` compiles: the student's blocks and the frozen teachers' blocks, except teacher
-    blocks built on ``nn.MultiheadAttention`` (open_clip): without grad, eager runs them through PyTorch's fused
-    MHA inference path, which a compiled block gives up and which was faster (ViT-L/14-336 at batch 64 on an
-    H100: 56.6 ms eager vs 61.8 ms compiled; BENCHMARKS.md). Returns how many blocks were compiled."""
-    return compile_repeated_blocks(model) + sum(
-        compile_repeated_blocks(t, keep_eager=_has_multihead_attention) for t in teachers.values())
+    return sum(compile_repeated_blocks(child) for child in module.children())
 
 
 @dataclass
@@ -816,7 +800,8 @@ def setup(cfg: RadioTrainConfig, device: torch.device | str = "cpu"
         torch.manual_seed(cfg.seed)
         model = DistillModel(build_student(cfg, infos), cfg)
     if cfg.compile:
-        compile_models(model, teachers)
+        for m in [model, *teachers.values()]:
+            compile_repeated_blocks(m)
     normalizers = {t.name: build_normalizer(normalizer_kind(cfg, t), infos[t.name].feature_dim).to(device)
                    for t in cfg.teachers if infos[t.name].feature_dim}
     return teachers, infos, model, normalizers
@@ -869,7 +854,8 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
     step_flops = {plan: count_step_flops(maker, model.to(device).encoder, plan) for plan in possible_plans(cfg)}
     peak_tflops = cfg.peak_tflops or dense_bf16_peak_tflops(device)
     if cfg.compile:
-        compile_models(model, teachers)
+        for m in [model, *teachers.values()]:
+            compile_repeated_blocks(m)
     seed_everything(cfg.seed, rank)
     max_batch = max(q.batch_size for q in cfg.partitions)
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=max_batch)
