@@ -14,16 +14,20 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+if TYPE_CHECKING:
+    from mmfm.radio.distill import RadioTrainConfig, StepPlan, TargetMaker
+
 __all__ = ["StepFlops", "count_step_flops", "dense_bf16_peak_tflops", "model_flops_paths", "possible_plans"]
 
-# dense (not 2:4 sparse) bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name
-_PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0),
-                     ("A10G", 70.0), ("L4", 121.0))
+# dense (not 2:4 sparse) bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name; the
+# first match wins (a PCIe H100 is slower than the SXM part); other GPUs: set RadioTrainConfig.peak_tflops
+_PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,8 @@ def model_flops_paths(teachers: Iterable[nn.Module]) -> Iterator[None]:
             m.forward = fwd
 
 
-def possible_plans(cfg) -> list:
-    """Every distinct ``StepPlan`` that ``plan_step`` can draw under ``cfg`` (``RadioTrainConfig``)."""
+def possible_plans(cfg: RadioTrainConfig) -> list[StepPlan]:
+    """Every distinct ``StepPlan`` that ``plan_step`` can draw under ``cfg``."""
     from mmfm.radio.distill import StepPlan
 
     plans = []
@@ -86,9 +90,8 @@ def possible_plans(cfg) -> list:
     return plans
 
 
-def count_step_flops(maker, encoder: nn.Module, plan) -> StepFlops:
-    """FLOPs of one micro-batch of ``plan``: the teachers' forward on the plan's pictures (``TargetMaker``
-    ``maker``) and the student ``encoder``'s forward + backward with the plan's heads, counted on one image and
+def count_step_flops(maker: TargetMaker, encoder: nn.Module, plan: StepPlan) -> StepFlops:
+    """FLOPs of one micro-batch of ``plan``: the teachers' forward on the plan's pictures (through ``maker``) and the student ``encoder``'s forward + backward with the plan's heads, counted on one image and
     scaled by the partition's batch size. RNG state and gradients are left as they were; eager models only
     (module docstring)."""
     from mmfm.radio.distill import teachers_for

@@ -289,6 +289,13 @@ def test_step_flops_equal_those_of_a_counted_training_step(shards, plan):
         model(images, targets)["loss"].backward()
     assert flops.student == pytest.approx(fc.get_total_flops(), rel=1e-9)
     assert flops.total == flops.teacher + flops.student > 0
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                       ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)])
+def test_dense_bf16_peak_by_gpu_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert dense_bf16_peak_tflops("cuda") == peak
     assert dense_bf16_peak_tflops("cpu") is None
 
 
