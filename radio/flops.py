@@ -2,9 +2,10 @@
 
 A step's FLOPs depend only on its plan (partition, resolution, mosaic k) and batch size, so the trainer counts
 every plan its config can draw once, at set-up, with ``torch.utils.flop_counter`` on one image and scales by
-the batch (the models are per-sample). The count runs on the eager models, before any block is compiled: on
-the GPU image (torch 2.11, CUDA) blocks that once ran compiled under the counter's dispatch mode ran eager ever
-after (found 2026-12-07, BENCHMARKS.md), which a count inside the training loop would cause.
+the batch (the models are per-sample). The count runs on the eager models, before any block is compiled:
+with torch 2.11 (the GPU image), compiled blocks that once ran under the counter's dispatch mode ran eager ever
+after (dynamo recorded its skip on the code object: pytorch/pytorch#190286; BENCHMARKS.md), which a count
+inside the training loop would cause.
 
 MFU = (teacher forward + student forward and backward FLOPs) / step time / the GPU's dense bf16 peak.
 """
