@@ -7,6 +7,7 @@ alone. Then one profiled full forward + backward: the top ops and kernels by sel
 by input shape (which tensor a copy or a reduction is on).
 
     python scripts/profile_radio_student.py                 # 432 px, batch 64, on the GPU
+    python scripts/profile_radio_student.py --compile       # the same with compiled blocks (``compile: true``)
     python scripts/profile_radio_student.py --tiny          # CPU smoke run with tiny models
 """
 
@@ -29,12 +30,14 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny models")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student's and teachers' blocks")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
         args.resolution, args.batch, args.iters = 64, 4, 2
     res, b = args.resolution, args.batch
     cfg = bench.make_config(args.tiny, res, 1024, b, 16, "bf16" if dev.type == "cuda" else "fp32")
+    cfg.compile = args.compile  # no FLOP counter runs here, so compiled blocks stay compiled (mmfm.radio.flops)
     teachers, infos, model, norms = setup(cfg, dev)
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=b)
     maker = TargetMaker(cfg, teachers, infos, norms, engine.device)
