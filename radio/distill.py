@@ -58,7 +58,6 @@ adaptor's last Linear so that adaptor outputs are in the teacher's own feature s
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import os
@@ -98,6 +97,7 @@ __all__ = [
     "build_student",
     "build_teachers",
     "build_upsamplers",
+    "compile_models",
     "compile_repeated_blocks",
     "export",
     "plan_step",
@@ -305,6 +305,11 @@ def build_teachers(cfg: RadioTrainConfig, device: torch.device | str = "cpu") ->
             getattr(t, "model", t).to(torch.bfloat16)
         out[spec.name] = t
     return out
+
+
+def compile_models(model: nn.Module, teachers: Mapping[str, nn.Module]) -> int:
+    """What ``compile: true`` compiles: the student's and the teachers' repeated blocks; returns how many."""
+    return sum(compile_repeated_blocks(m) for m in [model, *teachers.values()])
 
 
 def compile_repeated_blocks(module: nn.Module) -> int:
@@ -792,16 +797,13 @@ def _reduce_metrics(metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:
 
 def setup(cfg: RadioTrainConfig, device: torch.device | str = "cpu"
           ) -> tuple[dict[str, nn.Module], dict[str, TeacherInfo], DistillModel, dict[str, nn.Module]]:
-    """Teachers, their probed shapes, the student model (seeded by ``cfg.seed``) and the normalisers; with
-    ``cfg.compile`` the student's and teachers' blocks are compiled (after the eager probe)."""
+    """Teachers, their probed shapes, the student model (seeded by ``cfg.seed``) and the normalisers, all eager:
+    ``compile_models`` compiles them, after the FLOPs are counted (``mmfm.radio.flops`` says why)."""
     teachers = build_teachers(cfg, device)
     infos = {t.name: probe_teacher(teachers[t.name], t, device) for t in cfg.teachers}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = DistillModel(build_student(cfg, infos), cfg)
-    if cfg.compile:
-        for m in [model, *teachers.values()]:
-            compile_repeated_blocks(m)
     normalizers = {t.name: build_normalizer(normalizer_kind(cfg, t), infos[t.name].feature_dim).to(device)
                    for t in cfg.teachers if infos[t.name].feature_dim}
     return teachers, infos, model, normalizers
@@ -848,14 +850,14 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
     dist = init_distributed(force=cfg.engine.deepspeed_config is not None)
     device = dist.device
     rank, world = get_rank(), get_world_size()
-    teachers, infos, model, normalizers = setup(dataclasses.replace(cfg, compile=False), device)
+    teachers, infos, model, normalizers = setup(cfg, device)
     maker = TargetMaker(cfg, teachers, infos, normalizers, device, build_upsamplers(cfg, teachers))
     # FLOPs of every plan, counted on the eager models before any compile (mmfm.radio.flops says why)
-    step_flops = {plan: count_step_flops(maker, model.to(device).encoder, plan) for plan in possible_plans(cfg)}
+    model.to(device)
+    step_flops = {plan: count_step_flops(maker, model.encoder, plan) for plan in possible_plans(cfg)}
     peak_tflops = cfg.peak_tflops or dense_bf16_peak_tflops(device)
     if cfg.compile:
-        for m in [model, *teachers.values()]:
-            compile_repeated_blocks(m)
+        compile_models(model, teachers)
     seed_everything(cfg.seed, rank)
     max_batch = max(q.batch_size for q in cfg.partitions)
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=max_batch)

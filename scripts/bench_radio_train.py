@@ -32,7 +32,6 @@ partitions over ranks, so one GPU shows its bf16-weights + fp32-master memory la
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import functools
 import json
@@ -49,7 +48,7 @@ from mmfm.radio.distill import (
     StepPlan,
     StudentConfig,
     TargetMaker,
-    compile_repeated_blocks,
+    compile_models,
     setup,
 )
 from mmfm.radio.flops import count_step_flops
@@ -113,7 +112,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
                 gradient_checkpointing: bool, profile: bool = False, student_sdpa: list[str] | None = None) -> dict:
     from mmfm.training import Engine
 
-    teachers, infos, model, normalizers = setup(dataclasses.replace(cfg, compile=False), device)
+    teachers, infos, model, normalizers = setup(cfg, device)
     if gradient_checkpointing:
         model.encoder.student.set_grad_checkpointing(True)
     model.encoder.student.set_sdpa_backends(student_sdpa)
@@ -143,8 +142,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         engine.step()
 
     if cfg.compile:
-        for m in [model, *teachers.values()]:
-            compile_repeated_blocks(m)
+        compile_models(model, teachers)
     for _ in range(warmup):  # compiles, and pays the compiled blocks' one-time costs
         step()
     sync(device)

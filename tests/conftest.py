@@ -20,9 +20,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture
-def load_script():
-    """Import ``scripts/<name>.py`` as a module (the scripts are not a package): ``load_script("vlm_experiment")``."""
+def load_script(monkeypatch):
+    """Import ``scripts/<name>.py`` as a module (the scripts are not a package): ``load_script("vlm_experiment")``.
+    ``scripts/`` goes on ``sys.path`` for the test, as when a script is run, so scripts can import each other."""
     root = Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.syspath_prepend(str(root))
 
     def load(name: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")

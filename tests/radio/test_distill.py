@@ -25,6 +25,7 @@ from mmfm.radio.distill import (
     TeacherInfo,
     build_batch,
     build_upsamplers,
+    compile_models,
     compile_repeated_blocks,
     fit_normalizers_initial,
     plan_step,
@@ -313,7 +314,6 @@ def test_plan_is_deterministic_and_follows_probabilities(shards):
 
 @pytest.mark.parametrize("name", ["tiny-cpu", "vit-b16-clip-dino-sam"])
 def test_recipes_parse(name):
-    from pathlib import Path
 
     from mmfm.config import load_config
 
@@ -381,9 +381,9 @@ def test_compiled_teachers_run_their_blocks_compiled_and_match_eager(load_script
     cfg = bench.make_config(True, 64, 128, 4, 2, "fp32")
     torch.manual_seed(0)
     eager, *_ = setup(cfg, "cpu")
-    cfg.compile = True
     torch.manual_seed(0)
-    compiled, *_ = setup(cfg, "cpu")
+    compiled, _, student, _ = setup(cfg, "cpu")
+    compile_models(student, compiled)
     for spec in cfg.teachers:
         x = torch.rand(2, 3, spec.input_size, spec.input_size)
         for a, b in zip(run_teacher(eager[spec.name], x), run_teacher(compiled[spec.name], x)):
@@ -398,7 +398,6 @@ def test_bench_compiled_blocks_sees_the_compiled_regions(load_script, tmp_path, 
     import json
     import sys
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
     bench = load_script("bench_compiled_blocks")
     out = tmp_path / "row.json"
     monkeypatch.setattr(sys, "argv", ["bench_compiled_blocks", "--tiny", "--device", "cpu", "--json", str(out)])
@@ -411,7 +410,6 @@ def test_bench_compiled_blocks_sees_the_compiled_regions(load_script, tmp_path, 
 def test_profile_radio_student_tiny_runs(load_script, monkeypatch, capsys):
     import sys
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "scripts"))
     mod = load_script("profile_radio_student")
     monkeypatch.setattr(sys, "argv", ["profile_radio_student", "--tiny"])
     assert mod.main() == 0
@@ -481,7 +479,6 @@ def test_deepspeed_launch_kill_resume_is_identical(shards, tmp_path):
     import shutil
     import subprocess
     import sys
-    from pathlib import Path
 
     pytest.importorskip("deepspeed")
     from mmfm.distributed import find_free_port
