@@ -310,6 +310,7 @@ def _build_open_clip(spec: TeacherSpec) -> Teacher:
         extra = {k: v for k, v in cfg.items() if k not in ("embed_dim", "vision_cfg", "text_cfg")}
         model = open_clip.model.CLIP(cfg["embed_dim"], vision, text, **extra)
     visual = model.visual
+    _open_clip_packed_attention(visual)
     if spec.checkpoint:
         state = _strip(load_state_file(spec.checkpoint), ("module.", "model."))
         if any(k.startswith("visual.") for k in state):
@@ -324,6 +325,44 @@ def _build_open_clip(spec: TeacherSpec) -> Teacher:
         ps = visual.trunk.patch_embed.patch_size
     patch = int(ps[0] if isinstance(ps, (tuple, list)) else ps or 16)
     return OpenClipTeacher(spec, visual, mean, std, patch)
+
+
+def _packed_self_attention(self: nn.Module, q_x: torch.Tensor, k_x: torch.Tensor | None = None,
+                           v_x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """open_clip's ``ResidualAttentionBlock.attention`` for unmasked self-attention: one packed qkv projection
+    and one SDPA call on (B, heads, N, head_dim) views, with the block's own ``nn.MultiheadAttention`` weights.
+
+    ``nn.MultiheadAttention`` transposes batch-first inputs to sequence-first and back around its kernels; the
+    fused inference kernel it takes under ``no_grad`` avoids that, but a compiled block cannot use it, and the
+    compiled ViT-L/14 CLIP teacher measured slower than eager (BENCHMARKS.md, 2026-12-07). Same math. Other
+    calls (cross-attention, masks) go to open_clip's method. q_x (B, N, D) -> (B, N, D)."""
+    mha = self.attn
+    if k_x is not None or v_x is not None or attn_mask is not None:
+        return type(self).attention(self, q_x, k_x, v_x, attn_mask)
+    b, n, d = q_x.shape
+    heads = mha.num_heads
+    qkv = F.linear(q_x, mha.in_proj_weight, mha.in_proj_bias).view(b, n, 3, heads, d // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=mha.dropout if mha.training else 0.0)
+    return mha.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def _open_clip_packed_attention(model: nn.Module) -> int:
+    """Route every open_clip ``ResidualAttentionBlock`` of ``model`` whose attention is a batch-first, packed,
+    bias-free-extras ``nn.MultiheadAttention`` through ``_packed_self_attention``; returns how many."""
+    try:
+        from open_clip.transformer import ResidualAttentionBlock
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        mha = getattr(m, "attn", None)
+        if (isinstance(m, ResidualAttentionBlock) and isinstance(mha, nn.MultiheadAttention) and mha.batch_first
+                and mha._qkv_same_embed_dim and mha.in_proj_bias is not None and mha.bias_k is None
+                and not mha.add_zero_attn):
+            m.attention = types.MethodType(_packed_self_attention, m)
+            n += 1
+    return n
 
 
 def _build_timm(spec: TeacherSpec) -> Teacher:

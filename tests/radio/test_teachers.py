@@ -234,3 +234,48 @@ def test_sam_attention_in_4d_matches_timm_on_gpu(dtype, tol):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _check_sam_attention_matches_timm(dtype, tol, "cuda", 128, 128)
+
+
+def _check_open_clip_packed_attention(dtype: torch.dtype, tol: float, device: str) -> None:
+    import open_clip
+
+    from mmfm.radio.teachers import _open_clip_packed_attention
+
+    cfg = dict(embed_dim=24, vision_cfg=dict(layers=2, width=64, head_width=16, patch_size=8, image_size=32))
+    torch.manual_seed(0)
+    ref = open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], dict(context_length=8, vocab_size=16, width=8,
+                                                                         heads=1, layers=1)).visual
+    ref = ref.eval().to(device, dtype)
+    torch.manual_seed(1)
+    t = build_teacher(TeacherSpec("clip", "open_clip", input_size=32, model_kwargs=cfg))
+    t.model.load_state_dict(ref.state_dict())
+    t.model.to(device, dtype)
+    patched = [b for b in t.model.modules() if "attention" in vars(b)]
+    assert len(patched) == 2 and not any("attention" in vars(b) for b in ref.modules())
+    assert _open_clip_packed_attention(torch.nn.Linear(2, 2)) == 0
+    x = torch.randn(3, 3, 32, 32, device=device, dtype=dtype)
+    with torch.no_grad():
+        want = ref.forward_intermediates(x, indices=1, output_fmt="NCHW")["image_intermediates"][-1].float()
+        got = t.model.forward_intermediates(x, indices=1, output_fmt="NCHW")["image_intermediates"][-1].float()
+        torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
+        # a masked call is not self-attention without a mask: open_clip's own method answers it
+        blk, tokens = patched[0], torch.randn(3, 5, 64, device=device, dtype=dtype)
+        mask = torch.zeros(5, 5, device=device, dtype=dtype).masked_fill(torch.ones(5, 5, dtype=torch.bool,
+                                                                                    device=device).triu(1), -1e4)
+        ref_blk = ref.transformer.resblocks[0]
+        torch.testing.assert_close(blk.attention(tokens, attn_mask=mask), ref_blk.attention(tokens, attn_mask=mask))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_open_clip_packed_attention_matches_multihead_attention(dtype, tol):
+    # the CLIP teacher's blocks run one packed qkv projection and one SDPA call; open_clip's own tower
+    # (nn.MultiheadAttention) with the same weights is the reference
+    _check_open_clip_packed_attention(dtype, tol, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
+def test_open_clip_packed_attention_matches_multihead_attention_on_gpu(dtype, tol):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _check_open_clip_packed_attention(dtype, tol, "cuda")
