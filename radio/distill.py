@@ -73,7 +73,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmfm.radio.adaptors import AdaptorSpec, MLPSpec, TeacherAdaptor
+from mmfm.radio.adaptors import AdaptorSpec, MLPSpec, ResidualMLP, TeacherAdaptor
 from mmfm.radio.balancing import build_balancer
 from mmfm.radio.encoder import RadioEncoder
 from mmfm.radio.flops import count_step_flops, dense_bf16_peak_tflops, possible_plans
@@ -84,6 +84,7 @@ from mmfm.radio.vit import create_student
 from mmfm.training import EngineConfig, OptimizerConfig
 
 __all__ = [
+    "COMPILE_MODES",
     "BalancingConfig",
     "DataConfig",
     "DistillModel",
@@ -100,6 +101,7 @@ __all__ = [
     "compile_models",
     "compile_repeated_blocks",
     "export",
+    "feature_terms",
     "plan_step",
     "stitch_tiles",
     "train",
@@ -228,9 +230,13 @@ class RadioTrainConfig:
     keep_last: int = 2
     eval_resolutions: list[int] = field(default_factory=list)  # default: every partition resolution
     export: bool = True
-    # torch.compile the student's and teachers' repeated blocks (fuses norm / bias / activation / residual
-    # kernels on GPUs; costs compile time at each new resolution)
+    # torch.compile the student's and teachers' repeated blocks, the adaptor MLPs and the feature-loss terms
+    # (fuses norm / bias / activation / residual / loss kernels on GPUs; costs compile time at each new
+    # resolution)
     compile: bool = False
+    # torch.compile mode under compile: true: None (default), "max-autotune-no-cudagraphs" (Triton GEMM
+    # templates autotuned per shape: minutes of compile per resolution) or "max-autotune"
+    compile_mode: str | None = None
     # dense bf16 peak of one GPU (TFLOP/s) for the logged MFU; None: looked up by GPU name (H100/H200 989,
     # A100 312, ...), and no MFU is logged for an unknown device (TFLOP/s always is)
     peak_tflops: float | None = None
@@ -271,6 +277,8 @@ class RadioTrainConfig:
             raise ValueError(f"steps and ckpt_every must be >= 1, got {self.steps}, {self.ckpt_every}")
         if self.normalizer_schedule.refit_every < 1:
             raise ValueError("normalizer_schedule.refit_every must be >= 1")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
 
 
 # ------------------------------------------------------------------- interface to teachers / normalisers
@@ -307,12 +315,27 @@ def build_teachers(cfg: RadioTrainConfig, device: torch.device | str = "cpu") ->
     return out
 
 
-def compile_models(model: nn.Module, teachers: Mapping[str, nn.Module]) -> int:
-    """What ``compile: true`` compiles: the student's and the teachers' repeated blocks; returns how many."""
-    return sum(compile_repeated_blocks(m) for m in [model, *teachers.values()])
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "max-autotune")
 
 
-def compile_repeated_blocks(module: nn.Module) -> int:
+def compile_models(model: nn.Module, teachers: Mapping[str, nn.Module], mode: str | None = None,
+                   heads_and_losses: bool = True) -> int:
+    """What ``compile: true`` compiles: the student's and the teachers' repeated blocks and, with
+    ``heads_and_losses``, the student's adaptor MLPs and ``DistillModel``'s feature-loss terms (their LayerNorm /
+    GELU / cast / cosine / smooth-L1 kernels are elementwise passes over every token). Returns how many modules
+    (blocks and heads) were compiled."""
+    n = sum(compile_repeated_blocks(m, mode) for m in [model, *teachers.values()])
+    if heads_and_losses:
+        heads = [m for m in model.modules() if isinstance(m, ResidualMLP) and m._compiled_call_impl is None]
+        for head in heads:
+            head.compile(mode=mode)
+        n += len(heads)
+        if isinstance(model, DistillModel):
+            model.compile_loss_terms(mode)
+    return n
+
+
+def compile_repeated_blocks(module: nn.Module, mode: str | None = None) -> int:
     """``torch.compile`` in place every block of each ``nn.ModuleList`` or ``nn.Sequential`` of >= 2 composite
     modules of one class (the transformer blocks of open_clip, transformers and mmfm models are ModuleLists,
     timm's are a Sequential; lists inside a compiled block are left to it); returns how many were compiled.
@@ -322,9 +345,9 @@ def compile_repeated_blocks(module: nn.Module) -> int:
     composite = bool(blocks) and next(blocks[0].children(), None) is not None  # a block, not a leaf layer
     if len(blocks) >= 2 and len({type(b) for b in blocks}) == 1 and composite:
         for block in blocks:
-            block.compile()
+            block.compile(mode=mode)
         return len(blocks)
-    return sum(compile_repeated_blocks(child) for child in module.children())
+    return sum(compile_repeated_blocks(child, mode) for child in module.children())
 
 
 @dataclass
@@ -534,6 +557,12 @@ class DistillModel(nn.Module):
             if ad.feature is not None:
                 self.terms.append(f"{name}/feature")
         self.balancer = _build_balancer(cfg.balancing, self.terms)
+        self.feature_terms: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = feature_terms
+
+    def compile_loss_terms(self, mode: str | None = None) -> None:
+        """``torch.compile`` the feature-loss terms: one fused kernel pass instead of ~20 elementwise passes
+        over each (B, C, h, w) fp32 map (casts, cosine, smooth-L1, the metrics and their backward)."""
+        self.feature_terms = torch.compile(feature_terms, mode=mode)
 
     def forward(self, images: torch.Tensor, targets: Mapping[str, Mapping[str, torch.Tensor]]
                 ) -> dict[str, torch.Tensor]:
@@ -568,14 +597,13 @@ class DistillModel(nn.Module):
             if pred.features is not None:
                 key = f"{name}/feature"
                 if "features" in tgt:
-                    t = tgt["features"].float()
-                    # the trainer already put the target on the student grid for "teacher_to_student"
-                    f, t = match_resolution(pred.features.float(), t, "student_to_teacher")
-                    losses[key] = wf * feature_loss(f, t, kind=self.loss_cfg.feature)
+                    f, t = pred.features, tgt["features"]
+                    if f.shape[-2:] != t.shape[-2:]:  # "student_to_teacher"; the trainer did "teacher_to_student"
+                        f, t = match_resolution(f.float(), t, "student_to_teacher")
+                    loss, metrics[f"cos/{name}/feature"], metrics[f"fidelity/{name}"] = self.feature_terms(
+                        f, t, self.loss_cfg.feature)
+                    losses[key] = wf * loss
                     present[key] = True
-                    with torch.no_grad():
-                        metrics[f"cos/{name}/feature"] = F.cosine_similarity(f, t, dim=1).mean()
-                        metrics[f"fidelity/{name}"] = fidelity(f, t)
                 else:
                     losses[key] = 0.0 * pred.features.float().sum()
                     present[key] = False
@@ -586,6 +614,17 @@ class DistillModel(nn.Module):
         for key, w in weights.items():
             metrics[f"weight/{key}"] = torch.as_tensor(w).detach().float()
         return {"loss": total, **metrics}
+
+
+def feature_terms(pred: torch.Tensor, target: torch.Tensor, kind: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One teacher's feature term on matching (B, C, h, w) maps (any dtype; computed in fp32) -> (loss (to
+    backpropagate, unweighted), mean cosine similarity over channels (detached), fidelity (detached))."""
+    f, t = pred.float(), target.float()
+    loss = feature_loss(f, t, kind=kind)
+    with torch.no_grad():
+        cos = F.cosine_similarity(f, t, dim=1).mean()
+        return loss, cos, fidelity(f, t)
 
 
 # ----------------------------------------------------------------------------------------------- targets
@@ -857,7 +896,7 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
     step_flops = {plan: count_step_flops(maker, model.encoder, plan) for plan in possible_plans(cfg)}
     peak_tflops = cfg.peak_tflops or dense_bf16_peak_tflops(device)
     if cfg.compile:
-        compile_models(model, teachers)
+        compile_models(model, teachers, cfg.compile_mode)
     seed_everything(cfg.seed, rank)
     max_batch = max(q.batch_size for q in cfg.partitions)
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=max_batch)

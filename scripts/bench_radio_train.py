@@ -43,6 +43,7 @@ import torch
 
 from mmfm.radio import teachers as teachers_module
 from mmfm.radio.distill import (
+    COMPILE_MODES,
     PartitionConfig,
     RadioTrainConfig,
     StepPlan,
@@ -109,7 +110,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: 
 
 
 def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, warmup: int, iters: int,
-                gradient_checkpointing: bool, profile: bool = False, student_sdpa: list[str] | None = None) -> dict:
+                gradient_checkpointing: bool, profile: bool = False, student_sdpa: list[str] | None = None,
+                compile_heads_and_losses: bool = True) -> dict:
     from mmfm.training import Engine
 
     teachers, infos, model, normalizers = setup(cfg, device)
@@ -142,7 +144,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         engine.step()
 
     if cfg.compile:
-        compile_models(model, teachers)
+        compile_models(model, teachers, cfg.compile_mode, heads_and_losses=compile_heads_and_losses)
     for _ in range(warmup):  # compiles, and pays the compiled blocks' one-time costs
         step()
     sync(device)
@@ -267,7 +269,12 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny models")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student's and teachers' blocks")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the student's and teachers' blocks, the adaptor MLPs and the loss terms")
+    p.add_argument("--compile-mode", default=None, choices=[m for m in COMPILE_MODES if m],
+                   help="torch.compile mode (RadioTrainConfig.compile_mode)")
+    p.add_argument("--compile-blocks-only", action="store_true",
+                   help="with --compile, leave the adaptor MLPs and loss terms eager (the behaviour before), for A/B")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed config (e.g. configs/deepspeed/zero2.json)")
     p.add_argument("--profile", action="store_true",
                    help="time each teacher alone; top GPU kernels of each teacher and of the student")
@@ -277,6 +284,9 @@ def main() -> int:
                    help="run the bf16-weight teachers under autocast (the behaviour before native bf16), for A/B")
     p.add_argument("--timm-sam-attention", action="store_true",
                    help="keep timm's 3-D SAM attention (the behaviour before the 4-D SDPA change), for A/B")
+    p.add_argument("--open-clip-mha", action="store_true",
+                   help="keep open_clip's nn.MultiheadAttention in the CLIP teacher (before the packed SDPA change), "
+                        "for A/B")
     p.add_argument("--student-sdpa", nargs="+", default=None, metavar="BACKEND",
                    help="the student's SDPA kernel preference, best first (flash, cudnn, efficient, math); "
                         "default: PyTorch's choice")
@@ -286,19 +296,22 @@ def main() -> int:
         Teacher.low_precision_weights = lambda self: None  # Teacher.forward then takes its autocast branch
     if args.timm_sam_attention:
         teachers_module._sam_attention_in_4d = lambda model: 0  # _build_timm then leaves timm's forward
+    if args.open_clip_mha:
+        teachers_module._open_clip_packed_attention = lambda model: 0  # _build_open_clip then leaves open_clip's
     if args.tiny:
         args.low, args.high, args.batch_low, args.batch_high, args.warmup, args.iters = 64, 128, 4, 2, 1, 2
     device = torch.device(args.device)
     precision = "bf16" if device.type == "cuda" else "fp32"
     cfg = make_config(args.tiny, args.low, args.high, args.batch_low, args.batch_high, precision)
     cfg.compile = args.compile
+    cfg.compile_mode = args.compile_mode
     cfg.engine.deepspeed_config = args.deepspeed
     rows = []
     for partition, pname in enumerate(("low", "high")):
         if pname not in args.points:
             continue
         row = bench_point(cfg, partition, device, args.warmup, args.iters, args.grad_checkpointing, args.profile,
-                          args.student_sdpa)
+                          args.student_sdpa, not args.compile_blocks_only)
         row["mfu"] = row["achieved_tflops"] / args.peak_tflops
         ph = row["phase_ms"]
         row["teacher_mfu"] = row["teacher_tflop_per_step"] / (ph["teachers"] / 1e3) / args.peak_tflops

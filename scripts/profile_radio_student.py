@@ -30,7 +30,9 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny models")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student's and teachers' blocks")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the blocks, adaptor MLPs and loss terms, as compile: true does")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (RadioTrainConfig.compile_mode)")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
@@ -39,7 +41,7 @@ def main() -> int:
     cfg = bench.make_config(args.tiny, res, 1024, b, 16, "bf16" if dev.type == "cuda" else "fp32")
     teachers, infos, model, norms = setup(cfg, dev)
     if args.compile:  # no FLOP counter runs here, so compiled blocks stay compiled (mmfm.radio.flops)
-        compile_models(model, teachers)
+        compile_models(model, teachers, args.compile_mode)
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=b)
     maker = TargetMaker(cfg, teachers, infos, norms, engine.device)
     plan = StepPlan(0, (res, res), 1)

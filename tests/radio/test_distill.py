@@ -27,6 +27,7 @@ from mmfm.radio.distill import (
     build_upsamplers,
     compile_models,
     compile_repeated_blocks,
+    feature_terms,
     fit_normalizers_initial,
     plan_step,
     run_teacher,
@@ -370,6 +371,45 @@ def test_compile_repeated_blocks_compiles_each_block_once():
     assert model[0][0].layers[0]._compiled_call_impl is None and model[1][0]._compiled_call_impl is None
     assert all(m._compiled_call_impl is None for m in model[3])
     assert list(model.state_dict()) == keys  # checkpoints and export see the same names
+
+
+def test_compile_models_compiles_blocks_heads_and_loss_terms(load_script):
+    from mmfm.radio.adaptors import ResidualMLP
+
+    cfg = load_script("bench_radio_train").make_config(True, 64, 128, 4, 2, "fp32")
+    teachers, _, model, _ = setup(cfg, "cpu")
+    heads = [m for m in model.modules() if isinstance(m, ResidualMLP)]
+    assert len(heads) == 5  # clip summary + feature, dino summary + feature, sam feature
+    blocks_only, _, eager_heads, _ = setup(cfg, "cpu")
+    blocks = compile_models(eager_heads, blocks_only, heads_and_losses=False)
+    assert eager_heads.feature_terms is feature_terms
+    assert not any(m._compiled_call_impl for m in eager_heads.modules() if isinstance(m, ResidualMLP))
+    assert compile_models(model, teachers) == blocks + len(heads)
+    assert all(h._compiled_call_impl is not None for h in heads) and model.feature_terms is not feature_terms
+
+
+@pytest.mark.parametrize("kind", ["mse", "cos_smoothl1"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+def test_compiled_feature_terms_match_eager(kind, dtype, tol):
+    # what compile: true runs for each teacher's feature term: the eager function is the reference (loss,
+    # metrics and the gradient), on the strided (B, C, h, w) view the encoder returns; both compute in fp32
+    # from the same bf16 / fp32 prediction, so only inductor's reordered sums differ
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 20, 16, generator=g).to(dtype).requires_grad_(True)
+    target = torch.randn(3, 16, 4, 5, generator=g)
+    compiled = torch.compile(feature_terms)
+    outs, grads = [], []
+    for fn in (feature_terms, compiled):
+        pred = tokens.transpose(1, 2).reshape(3, 16, 4, 5)
+        out = fn(pred, target, kind)
+        (grad,) = torch.autograd.grad(out[0], tokens)
+        assert not out[1].requires_grad and not out[2].requires_grad
+        outs.append(out)
+        grads.append(grad)
+    for want, got in zip(outs[0], outs[1]):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(grads[1].float(), grads[0].float(), atol=tol, rtol=1e-2 if dtype == torch.bfloat16
+                               else tol)
 
 
 @pytest.mark.slow
