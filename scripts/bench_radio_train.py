@@ -20,8 +20,8 @@ the GPU's dense bf16 peak (``--peak-tflops``, 989 for
 H100/H200 SXM). A second, synchronised pass over the same number of steps splits the step into phases
 (teachers, targets = PHI-S + resize, student forward + backward, optimizer step); "teacher MFU" and "student
 MFU" are each part's FLOPs over its own phase time. Peak memory = ``torch.cuda.max_memory_allocated`` over
-the timed steps. ``--compile`` compiles the student's and teachers' blocks as ``compile: true`` does in a
-recipe; ``--deepspeed configs/deepspeed/zero2.json`` runs the Engine under DeepSpeed (one process here: ZeRO
+the timed steps. ``--compile`` compiles the student's and teachers' blocks, the adaptor MLPs and the loss
+terms as ``compile: true`` does in a recipe (``--compile-blocks-only`` leaves the heads and losses eager); ``--deepspeed configs/deepspeed/zero2.json`` runs the Engine under DeepSpeed (one process here: ZeRO
 partitions over ranks, so one GPU shows its bf16-weights + fp32-master memory layout, not the savings).
 
     python scripts/bench_radio_train.py --device cuda --json out.json
