@@ -24,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 if TYPE_CHECKING:
     from mmfm.radio.distill import RadioTrainConfig, StepPlan, TargetMaker
 
-__all__ = ["StepFlops", "count_step_flops", "dense_bf16_peak_tflops", "model_flops_paths", "possible_plans"]
+__all__ = ["StepFlops", "count_step_flops", "dense_bf16_peak_tflops", "model_flops_paths", "no_mha_fastpath",
+           "possible_plans"]
 
 # dense (not 2:4 sparse) bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name; the
 # first match wins (a PCIe H100 is slower than the SXM part); other GPUs: set RadioTrainConfig.peak_tflops
@@ -59,22 +60,33 @@ def dense_bf16_peak_tflops(device: torch.device | str) -> float | None:
 @contextlib.contextmanager
 def model_flops_paths(teachers: Iterable[nn.Module]) -> Iterator[None]:
     """Count the models' own FLOPs, not those of the fast paths they take: PyTorch's fused
-    ``nn.MultiheadAttention`` inference path (open_clip; the FLOP counter sees none of it) is switched off,
-    and SAM's attention runs timm's forward instead of ``mmfm.radio.teachers``' folded bias (whose wider
-    q / k add FLOPs that are not the model's). MFU is then model FLOPs / time, as usual."""
+    ``nn.MultiheadAttention`` inference path is switched off (``no_mha_fastpath``), and SAM's attention runs
+    timm's forward instead of ``mmfm.radio.teachers``' folded bias (whose wider q / k add FLOPs that are not
+    the model's). open_clip's packed attention (``mmfm.radio.teachers``) stays: it runs the model's own GEMMs
+    and attention. MFU is then model FLOPs / time, as usual."""
     restored = []
     for t in teachers:
         for m in t.modules():
             if "forward" in m.__dict__:  # an instance-level forward patched in by mmfm
                 restored.append((m, m.__dict__.pop("forward")))
+    try:
+        with no_mha_fastpath():
+            yield
+    finally:
+        for m, fwd in restored:
+            m.forward = fwd
+
+
+@contextlib.contextmanager
+def no_mha_fastpath() -> Iterator[None]:
+    """Switch off PyTorch's fused ``nn.MultiheadAttention`` inference path, one op whose GEMMs the FLOP counter
+    cannot see (a teacher still on ``nn.MultiheadAttention`` would otherwise count no attention FLOPs)."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, fwd in restored:
-            m.forward = fwd
 
 
 def possible_plans(cfg: RadioTrainConfig) -> list[StepPlan]:

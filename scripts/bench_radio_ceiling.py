@@ -67,7 +67,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmfm.radio.distill import RadioTrainConfig, StepPlan, TargetMaker, setup, teachers_for
-from mmfm.radio.flops import StepFlops, count_step_flops, model_flops_paths
+from mmfm.radio.flops import StepFlops, count_step_flops, model_flops_paths, no_mha_fastpath
 from mmfm.training import Engine
 
 GROUPS = ("teacher", "targets", "student")
@@ -222,17 +222,6 @@ def _hashable(v: Any) -> Any:
         return v
     except TypeError:
         return repr(v)
-
-
-@contextlib.contextmanager
-def no_mha_fastpath() -> Iterator[None]:
-    """Switch off the fused ``nn.MultiheadAttention`` inference path, whose GEMMs the registry cannot see."""
-    old = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(old)
 
 
 def replay(sig: Signature, iters: int, warmup: int) -> float:
