@@ -235,7 +235,8 @@ class RadioTrainConfig:
     # resolution)
     compile: bool = False
     # torch.compile mode under compile: true: None (default), "max-autotune-no-cudagraphs" (Triton GEMM
-    # templates autotuned per shape: minutes of compile per resolution) or "max-autotune"
+    # templates autotuned per shape: minutes of compile per resolution; on an H100 with torch 2.11 cuBLAS beat
+    # every template on the step's large GEMMs, BENCHMARKS.md) or "max-autotune"
     compile_mode: str | None = None
     # dense bf16 peak of one GPU (TFLOP/s) for the logged MFU; None: looked up by GPU name (H100/H200 989,
     # A100 312, ...), and no MFU is logged for an unknown device (TFLOP/s always is)

@@ -21,7 +21,8 @@ H100/H200 SXM). A second, synchronised pass over the same number of steps splits
 (teachers, targets = PHI-S + resize, student forward + backward, optimizer step); "teacher MFU" and "student
 MFU" are each part's FLOPs over its own phase time. Peak memory = ``torch.cuda.max_memory_allocated`` over
 the timed steps. ``--compile`` compiles the student's and teachers' blocks, the adaptor MLPs and the loss
-terms as ``compile: true`` does in a recipe (``--compile-blocks-only`` leaves the heads and losses eager); ``--deepspeed configs/deepspeed/zero2.json`` runs the Engine under DeepSpeed (one process here: ZeRO
+terms as ``compile: true`` does in a recipe (``--compile-blocks-only`` leaves the heads and losses eager);
+``--deepspeed configs/deepspeed/zero2.json`` runs the Engine under DeepSpeed (one process here: ZeRO
 partitions over ranks, so one GPU shows its bf16-weights + fp32-master memory layout, not the savings).
 
     python scripts/bench_radio_train.py --device cuda --json out.json
@@ -352,7 +353,8 @@ def main() -> int:
             "torch": torch.__version__, "precision": precision, "peak_tflops": args.peak_tflops,
             "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "deepspeed": args.deepspeed,
             "teacher_autocast": args.teacher_autocast, "student_sdpa": args.student_sdpa,
-            "timm_sam_attention": args.timm_sam_attention}
+            "timm_sam_attention": args.timm_sam_attention, "compile_mode": args.compile_mode,
+            "compile_blocks_only": args.compile_blocks_only, "open_clip_mha": args.open_clip_mha}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
