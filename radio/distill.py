@@ -58,6 +58,7 @@ adaptor's last Linear so that adaptor outputs are in the teacher's own feature s
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -65,6 +66,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,9 +78,10 @@ import torch.nn.functional as F
 from mmfm.radio.adaptors import AdaptorSpec, MLPSpec, ResidualMLP, TeacherAdaptor
 from mmfm.radio.balancing import build_balancer
 from mmfm.radio.encoder import RadioEncoder
-from mmfm.radio.flops import count_step_flops, dense_bf16_peak_tflops, possible_plans
+from mmfm.radio.flops import StepFlops, count_step_flops, dense_bf16_peak_tflops, possible_plans
 from mmfm.radio.losses import feature_loss, fidelity, match_resolution, summary_loss
 from mmfm.radio.normalizers import RefitSchedule, build_normalizer
+from mmfm.radio.step_batches import StepBatches
 from mmfm.radio.teachers import TeacherSpec
 from mmfm.radio.vit import create_student
 from mmfm.training import EngineConfig, OptimizerConfig
@@ -161,12 +164,16 @@ class DataConfig:
 
     ``eval_shards``: held-out shards for fidelity before/after training (``None``: skipped).
     ``knn_shards``: labelled shards for the kNN bank (default: ``train_shards``).
+    ``prefetch``: training batches built ahead on a background thread while the GPU runs (0: on the main
+    thread); ``resize_workers``: threads resizing one batch's images (``mmfm.radio.step_batches``).
     """
 
     train_shards: str = ""
     eval_shards: str | None = None
     knn_shards: str | None = None
     shuffle_buffer: int = 64
+    prefetch: int = 2
+    resize_workers: int = 4
     eval_images: int = 64
     eval_batch_size: int = 16
     knn_bank_images: int = 128
@@ -459,18 +466,20 @@ def samples_needed(cfg: RadioTrainConfig, plan: StepPlan) -> int:
     return cfg.partitions[plan.partition].batch_size * plan.mosaic_k**2
 
 
-def build_batch(samples: Sequence[Any], plan: StepPlan, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def build_batch(samples: Sequence[Any], plan: StepPlan, patch: int, pool: Executor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Student images and the per-image (or per-tile) pictures the teachers see.
 
     Returns ``(student (B, 3, R, R), units (B*k*k, 3, T, T))``; without mosaic ``units`` is ``student``
-    (``T = R``). Images in [0, 1].
+    (``T = R``). Images in [0, 1]. ``pool`` resizes the samples in parallel (same result, same order).
     """
     from mmfm.data.transforms import mosaic
 
     k = plan.mosaic_k
     h, w = plan.resolution
     th, tw = h // k, w // k
-    units = torch.stack([_sample_tensor(s, (th, tw), patch) for s in samples])
+    to_unit = functools.partial(_sample_tensor, hw=(th, tw), patch=patch)
+    units = torch.stack(list(pool.map(to_unit, samples) if pool is not None else map(to_unit, samples)))
     if k == 1:
         return units, units
     if len(samples) % (k * k):
@@ -819,6 +828,66 @@ class SampleStream:
         self.batcher.load_state_dict(state)
 
 
+def _train_steps(cfg: RadioTrainConfig, start: int, engine: Any, maker: TargetMaker, batches: StepBatches,
+                 sched: RefitSchedule, step_flops: Mapping[StepPlan, StepFlops], peak_tflops: float | None,
+                 logger: Any, normalizers: Mapping[str, nn.Module], ckpt_dir: Path, world: int,
+                 crash_after: int | None) -> None:
+    """Optimizer steps ``start .. cfg.steps - 1`` of ``train`` (module docstring, 1-9): log, refit, checkpoint."""
+    from mmfm.distributed import barrier
+
+    accum = cfg.engine.grad_accum
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        lr = engine.lr
+        metrics: dict[str, torch.Tensor] = {}
+        n_images, flops = 0, 0.0
+        for _ in range(accum):
+            batch = next(batches)
+            plan, student_images, units = batch.plan, batch.student, batch.units
+            raw = maker.teacher_outputs(plan, units)
+            if sched.update_at(step):
+                maker.observe(raw)
+            targets = maker.targets(plan, raw)
+            res = engine.forward(student_images.to(engine.device, non_blocking=True), targets)
+            engine.backward(res["loss"])
+            engine.step()
+            n_images += student_images.shape[0]
+            flops += step_flops[plan].total
+            for k, v in res.items():
+                metrics[k] = metrics.get(k, 0.0) + v.detach().float() / accum
+        done = step + 1
+        if sched.refit_at(step):
+            carry = cfg.normalizer_schedule.carry_adaptors and not engine.uses_deepspeed
+            if cfg.normalizer_schedule.carry_adaptors and engine.uses_deepspeed and step + 1 == sched.refit_every:
+                log.warning("normalizer_schedule.carry_adaptors is not applied under DeepSpeed (separate master "
+                            "weights): the adaptor heads re-learn after each normaliser refit")
+            maker.fit(engine.module.encoder.adaptors if carry else None)
+        scalars = _reduce_metrics(metrics)
+        for name, norm in normalizers.items():
+            alpha = _norm_alpha(norm)
+            if alpha is not None:
+                scalars[f"phi_s_alpha/{name}"] = alpha
+        dt = time.perf_counter() - t0
+        tflops = flops / max(dt, 1e-9) / 1e12  # per GPU
+        if peak_tflops:
+            scalars["mfu"] = tflops / peak_tflops
+        logger.log(step, lr=lr, grad_norm=engine.last_grad_norm or 0.0, resolution=plan.resolution[0],
+                   tflops=tflops,
+                   mosaic=plan.mosaic_k, img_per_s=n_images * world / max(dt, 1e-9),
+                   skipped_samples=batch.skipped, **scalars)
+        logger.advance()
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            rank_state = {"data": batch.stream_state,
+                          "normalizers": {n: v.state_dict() for n, v in normalizers.items()},
+                          "balancer": engine.module.balancer.state_dict()}
+            engine.save_checkpoint(ckpt_dir, done, extra={"step": done}, rank_extra=rank_state,
+                                   keep_last=cfg.keep_last)
+        if crash_after is not None and done == crash_after:
+            logger.close()
+            barrier()
+            os.kill(os.getpid(), signal.SIGKILL)  # a real, unclean failure (tests)
+
+
 def eval_resolutions(cfg: RadioTrainConfig) -> list[int]:
     if cfg.eval_resolutions:
         return list(cfg.eval_resolutions)
@@ -937,57 +1006,15 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
     logger = MetricLogger(out, total_steps=cfg.steps, start_step=start, progress=progress, desc="radio")
     engine.train()
     accum = cfg.engine.grad_accum
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        lr = engine.lr
-        metrics: dict[str, torch.Tensor] = {}
-        n_images, flops = 0, 0.0
-        for micro in range(accum):
-            plan = plan_step(cfg, step * accum + micro)
-            student_images, units = build_batch(stream.take(samples_needed(cfg, plan)), plan,
-                                                cfg.student.patch_size)
-            raw = maker.teacher_outputs(plan, units)
-            if sched.update_at(step):
-                maker.observe(raw)
-            targets = maker.targets(plan, raw)
-            res = engine.forward(student_images.to(engine.device), targets)
-            engine.backward(res["loss"])
-            engine.step()
-            n_images += student_images.shape[0]
-            flops += step_flops[plan].total
-            for k, v in res.items():
-                metrics[k] = metrics.get(k, 0.0) + v.detach().float() / accum
-        done = step + 1
-        if sched.refit_at(step):
-            carry = cfg.normalizer_schedule.carry_adaptors and not engine.uses_deepspeed
-            if cfg.normalizer_schedule.carry_adaptors and engine.uses_deepspeed and step + 1 == sched.refit_every:
-                log.warning("normalizer_schedule.carry_adaptors is not applied under DeepSpeed (separate master "
-                            "weights): the adaptor heads re-learn after each normaliser refit")
-            maker.fit(engine.module.encoder.adaptors if carry else None)
-        scalars = _reduce_metrics(metrics)
-        for name, norm in normalizers.items():
-            alpha = _norm_alpha(norm)
-            if alpha is not None:
-                scalars[f"phi_s_alpha/{name}"] = alpha
-        dt = time.perf_counter() - t0
-        tflops = flops / max(dt, 1e-9) / 1e12  # per GPU
-        if peak_tflops:
-            scalars["mfu"] = tflops / peak_tflops
-        logger.log(step, lr=lr, grad_norm=engine.last_grad_norm or 0.0, resolution=plan.resolution[0],
-                   tflops=tflops,
-                   mosaic=plan.mosaic_k, img_per_s=n_images * world / max(dt, 1e-9),
-                   skipped_samples=stream.skipped, **scalars)
-        logger.advance()
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            rank_state = {"data": stream.state_dict(),
-                          "normalizers": {n: v.state_dict() for n, v in normalizers.items()},
-                          "balancer": engine.module.balancer.state_dict()}
-            engine.save_checkpoint(ckpt_dir, done, extra={"step": done}, rank_extra=rank_state,
-                                   keep_last=cfg.keep_last)
-        if crash_after is not None and done == crash_after:
-            logger.close()
-            barrier()
-            os.kill(os.getpid(), signal.SIGKILL)  # a real, unclean failure (tests)
+    # from here on only `batches` reads the stream (ahead, on its thread); checkpoints save the position and skip
+    # count of the last batch consumed
+    batches = StepBatches(cfg, stream, start * accum, cfg.steps * accum, cfg.data.prefetch,
+                          cfg.data.resize_workers, pin_memory=device.type == "cuda")
+    try:
+        _train_steps(cfg, start, engine, maker, batches, sched, step_flops, peak_tflops, logger, normalizers,
+                     ckpt_dir, world, crash_after)
+    finally:
+        batches.close()
     logger.close()
     result["final"] = dict(logger.latest)
     if is_main_process():
