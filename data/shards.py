@@ -31,7 +31,9 @@ repeated or skipped. Guarantees:
   exact).
 - DataLoader workers: use :meth:`ShardDataset.loader` (a :class:`ResumableLoader`). Every batch
   carries its worker id and that worker's raw position; ``loader.state_dict()`` after receiving a
-  batch resumes right after that batch, whatever the prefetching. The saved state is tied to the
+  batch resumes right after that batch, whatever the prefetching: each worker's stream continues with its next
+  sample. The DataLoader's round-robin over the workers restarts at worker 0, though, so the order in which the
+  streams interleave after a resume can differ from the uninterrupted run's. The saved state is tied to the
   same ``num_workers``, ``world_size``, ``rank``, ``seed`` and shard list (checked on load). A plain
   ``DataLoader(dataset, num_workers>0)`` works for reading but its position and skip counts live
   in the worker processes and are not visible in the main process.
