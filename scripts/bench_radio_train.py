@@ -5,7 +5,8 @@ One step is exactly what ``mmfm.radio.distill.train`` does per micro-batch: the 
 batch (on a GPU their weights are bf16 and they run natively in bf16; ``--teacher-autocast`` runs them under
 autocast instead, for A/B), their features are PHI-S normalised and resized to the student grid, the student
 (ViT-B/16 with one adaptor per teacher) runs forward + backward, and the Engine steps (AdamW, clipping, EMA off).
-Images are random tensors already on the device, so the data pipeline is not timed.
+Images are random tensors already on the device, so the data pipeline is not timed
+(``scripts/bench_radio_data.py`` times it).
 
 Teachers (random init: timings do not depend on the weights), ViT-L sized as in RADIO's recipes:
   clip  open_clip ViT-L-14-336 at 336 px (summary + features)
