@@ -32,8 +32,9 @@ repeated or skipped. Guarantees:
 - DataLoader workers: use :meth:`ShardDataset.loader` (a :class:`ResumableLoader`). Every batch
   carries its worker id and that worker's raw position; ``loader.state_dict()`` after receiving a
   batch resumes right after that batch, whatever the prefetching: each worker's stream continues with its next
-  sample. The DataLoader's round-robin over the workers restarts at worker 0, though, so the order in which the
-  streams interleave after a resume can differ from the uninterrupted run's. The saved state is tied to the
+  sample, and the state names the stream the loader's round-robin serves next (the resumed loader's worker
+  ``i`` reads stream ``(i + next_stream) % num_workers``), so the streams interleave as in the uninterrupted
+  run and the samples arrive in the same order. The saved state is tied to the
   same ``num_workers``, ``world_size``, ``rank``, ``seed`` and shard list (checked on load). A plain
   ``DataLoader(dataset, num_workers>0)`` works for reading but its position and skip counts live
   in the worker processes and are not visible in the main process.
@@ -238,7 +239,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.epoch = epoch
         self.skipped: Counter[str] = Counter()
         self._positions: list[int] = [0]       # raw position per stream, for state_dict() (num_workers=0)
-        self._resume: tuple[int, list[int]] | None = None  # (epoch, raw positions per stream)
+        # (epoch, raw positions per stream, the stream a DataLoader's round-robin serves next)
+        self._resume: tuple[int, list[int], int] | None = None
         self._logged: set[tuple[str, str, str]] = set()
         if resume_from is not None:
             self.load_state_dict(resume_from)
@@ -254,10 +256,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         """Position of a direct (``num_workers=0``) iteration; for workers use ``loader().state_dict()``."""
         return self._make_state(self._positions, self.skipped)
 
-    def _make_state(self, positions: list[int], skipped: Counter[str]) -> dict[str, Any]:
+    def _make_state(self, positions: list[int], skipped: Counter[str], next_stream: int = 0) -> dict[str, Any]:
         return {"epoch": self.epoch, "positions": list(positions), "skipped": dict(skipped), "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size, "shuffle_buffer": self.shuffle_buffer,
-                "num_shards": len(self.urls)}
+                "num_shards": len(self.urls), "next_stream": int(next_stream)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` / :meth:`ResumableLoader.state_dict`: the next iteration of
@@ -270,8 +272,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         positions = [int(p) for p in state["positions"]]
         if any(p < 0 for p in positions):
             raise ValueError(f"resume state positions={positions}: must be >= 0")
+        next_stream = int(state.get("next_stream", 0))
+        if not 0 <= next_stream < max(1, len(positions)):
+            raise ValueError(f"resume state next_stream={next_stream}: must index one of {len(positions)} streams")
         self.epoch = int(state["epoch"])
-        self._resume = (self.epoch, positions)
+        self._resume = (self.epoch, positions, next_stream)
         self._positions = list(positions)
         self.skipped = Counter(state.get("skipped", {}))
 
@@ -292,11 +297,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def _iterate(self, worker: int, num_workers: int, tagged: bool) -> Iterator[Any]:
         start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
-            positions = self._resume[1]
+            positions, next_stream = self._resume[1], self._resume[2]
             if len(positions) != num_workers:
                 raise ValueError(f"resume state has {len(positions)} stream positions but this run reads with "
                                  f"{num_workers} stream(s) (num_workers={0 if num_workers == 1 else num_workers}); "
                                  "resume with the num_workers the state was saved with")
+            # DataLoader worker i reads stream (i + next_stream) % num_workers: the loader's round-robin starts
+            # at worker 0, so the streams interleave after a resume as they did before it
+            worker = (worker + next_stream) % num_workers
             start = positions[worker]
         shards = self.shards_for(worker, num_workers)
         if not shards and (self.rank, worker) != (0, 0):
@@ -524,8 +532,10 @@ class ResumableLoader:
                 raise ValueError(f"resume state has {len(resume[1])} stream positions but the loader has "
                                  f"num_workers={self.num_workers}; resume with the same num_workers")
             self._positions = list(resume[1])
+            self._next_stream = resume[2]
         else:
             self._positions = [0] * self._streams
+            self._next_stream = 0
         self._base_skipped = Counter(self.dataset.skipped)  # counts restored from a state / earlier epochs
         self._iter_skipped: list[dict[str, int]] = [{} for _ in range(self._streams)]
 
@@ -538,7 +548,19 @@ class ResumableLoader:
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        return self.dataset._make_state(self._positions, self.skipped)
+        return self.dataset._make_state(self._positions, self.skipped, self._next_stream)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (of a loader with the same ``num_workers``) at the next ``iter()``."""
+        self.dataset.load_state_dict(state)
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch ``epoch`` at the next ``iter()`` (``ShardDataset.set_epoch``); workers are new each epoch."""
+        self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         raise TypeError("ResumableLoader streams shards and has no length")
@@ -548,6 +570,9 @@ class ResumableLoader:
         for tag, batch in self._loader:
             self._positions[tag.worker] = tag.position
             self._iter_skipped[tag.worker] = tag.skipped
+            # every batch (an end marker's too) takes one round-robin turn; a finished worker is skipped
+            # afterwards, by the DataLoader here as by the resumed one
+            self._next_stream = (tag.worker + 1) % self._streams
             if isinstance(batch, _EndMarker):
                 continue
             yield batch

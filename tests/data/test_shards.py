@@ -175,12 +175,39 @@ def test_resume_with_loader(shards, batch_size, num_workers):
     assert len(part) + len(rest) == 40
     assert sorted(part + rest) == ALL_KEYS  # no repeats, no losses
     assert part == full[:len(part)]  # the loader order is deterministic (in-order round robin)
+    assert rest == full[len(part):]  # and the resumed loader continues it: the streams interleave as before
 
     with pytest.raises(ValueError, match="num_workers"):
         ds = read_shards(shards, shuffle_buffer=4, seed=7, resume_from=state)
         ds.loader(batch_size=3, num_workers=0 if num_workers == 2 else 2)
     with pytest.raises(ValueError, match="seed"):
         read_shards(shards, shuffle_buffer=4, seed=8, resume_from=state)
+
+
+@pytest.mark.parametrize("num_workers", [2, 3])
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_resumed_loader_keeps_the_order_with_uneven_streams(tmp_path, batch_size, num_workers):
+    # 7 shards over 2 or 3 workers: streams of unequal length, so some end (and leave the round-robin) before
+    # others; a resume at every point, also after a stream ended, continues in exactly the uninterrupted order
+    paths = write_shards(_samples(35), tmp_path / "uneven", samples_per_shard=5)
+
+    def run(state=None, stop_after=None):
+        ds = read_shards(paths, shuffle_buffer=3, seed=2, resume_from=state)
+        loader = ds.loader(batch_size=batch_size, num_workers=num_workers,
+                           collate_fn=_keys_of if batch_size else _key_of)
+        got = []
+        for batch in loader:
+            got += batch
+            if stop_after is not None and len(got) >= stop_after:
+                break
+        return got, loader.state_dict()
+
+    full, _ = run()
+    assert sorted(full) == ALL_KEYS[:35]
+    for stop in (1, 4, 11, 24, 29, 33):
+        part, state = run(stop_after=stop)
+        rest, _ = run(state=state)
+        assert part + rest == full, (stop, state["positions"], state["next_stream"])
 
 
 def test_loader_epochs_with_workers(shards):
