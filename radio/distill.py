@@ -165,7 +165,9 @@ class DataConfig:
     ``eval_shards``: held-out shards for fidelity before/after training (``None``: skipped).
     ``knn_shards``: labelled shards for the kNN bank (default: ``train_shards``).
     ``prefetch``: training batches built ahead on a background thread while the GPU runs (0: on the main
-    thread); ``resize_workers``: threads resizing one batch's images (``mmfm.radio.step_batches``).
+    thread); ``resize_workers``: threads resizing one batch's images (``mmfm.radio.step_batches``);
+    ``decode_workers``: DataLoader processes decoding the training shards (0: decoded on the batch thread; the
+    sample order depends on it, so resume with the same value).
     """
 
     train_shards: str = ""
@@ -174,6 +176,7 @@ class DataConfig:
     shuffle_buffer: int = 64
     prefetch: int = 2
     resize_workers: int = 4
+    decode_workers: int = 0
     eval_images: int = 64
     eval_batch_size: int = 16
     knn_bank_images: int = 128
@@ -803,23 +806,28 @@ def teacher_space_predictor(encoder: RadioEncoder, normalizers: Mapping[str, nn.
 
 # ----------------------------------------------------------------------------------------------- training
 class SampleStream:
-    """Endless, resumable sample stream over image shards (``EpochBatcher`` of single samples)."""
+    """Endless, resumable sample stream over image shards (``EpochBatcher`` of single samples).
 
-    def __init__(self, shards: str, shuffle_buffer: int, seed: int) -> None:
+    ``decode_workers > 0`` decodes in that many DataLoader worker processes (``ShardDataset.loader``: position,
+    order and skip counts stay exact; the order depends on the worker count, so a run resumes with the same
+    count)."""
+
+    def __init__(self, shards: str, shuffle_buffer: int, seed: int, decode_workers: int = 0) -> None:
         from mmfm.data.batching import EpochBatcher
         from mmfm.data.shards import read_shards
         from mmfm.distributed import get_rank, get_world_size
 
         self.dataset = read_shards(shards, schema="image", shuffle_buffer=shuffle_buffer, seed=seed,
                                    rank=get_rank(), world_size=get_world_size())
-        self.batcher = EpochBatcher(self.dataset, 1)
+        self.source = self.dataset.loader(num_workers=decode_workers) if decode_workers > 0 else self.dataset
+        self.batcher = EpochBatcher(self.source, 1)
 
     def take(self, n: int) -> list[Any]:
         return [next(self.batcher)[0] for _ in range(n)]
 
     @property
     def skipped(self) -> int:
-        return int(sum(self.dataset.skipped.values()))
+        return int(sum(self.source.skipped.values()))
 
     def state_dict(self) -> dict[str, Any]:
         return self.batcher.state_dict()
@@ -970,7 +978,7 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
     seed_everything(cfg.seed, rank)
     max_batch = max(q.batch_size for q in cfg.partitions)
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=max_batch)
-    stream = SampleStream(cfg.data.train_shards, cfg.data.shuffle_buffer, cfg.seed)
+    stream = SampleStream(cfg.data.train_shards, cfg.data.shuffle_buffer, cfg.seed, cfg.data.decode_workers)
     sched = RefitSchedule(cfg.normalizer_schedule.refit_every, cfg.normalizer_schedule.refit_until)
 
     start = 0

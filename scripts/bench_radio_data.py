@@ -10,11 +10,12 @@ partition (default 432 px, batch 64, JPEG shards of ``--image-size`` px) in thre
 2. **resize threads** (``resize_workers`` threads, still on demand);
 3. **a trainer loop with a simulated GPU step**: each step takes its batch, then waits ``--gpu-step-ms``
    (default 224.5 ms, the compiled 432-px step on an H100 in BENCHMARKS.md). The wait stands in for the GPU
-   step, during which the CPU is free. The loop runs on demand and then with ``prefetch: 2``. With prefetching,
-   the step time is max(build, GPU) and not their sum. This is the ratio the script prints.
+   step, during which the CPU is free. The loop runs on demand, then with ``prefetch: 2``, then with
+   ``prefetch: 2`` and ``--decode-workers`` DataLoader processes decoding the shards (``decode_workers``). With
+   prefetching, the step time is max(build, GPU) and not their sum. These are the ratios the script prints.
 
-Decoding (in the data layer, on the producer thread) is serial in both. The machine's core count bounds the
-resize threads' gain.
+Without decode processes, the data layer decodes serially on the producer thread. The machine's core count
+bounds what the resize threads and decode processes can gain.
 
     python scripts/bench_radio_data.py                          # 432 px, batch 64, 640 px JPEGs
     python scripts/bench_radio_data.py --tiny                   # seconds-long smoke run
@@ -51,10 +52,11 @@ def make_config(shards: str, resolution: int, batch: int) -> RadioTrainConfig:
                             partitions=[PartitionConfig("low", [resolution], 1.0, batch)])
 
 
-def time_loop(cfg: RadioTrainConfig, steps: int, prefetch: int, workers: int, gpu_step_s: float) -> float:
+def time_loop(cfg: RadioTrainConfig, steps: int, prefetch: int, workers: int, gpu_step_s: float,
+              decode_workers: int = 0) -> float:
     """Mean seconds per step of ``steps`` steps after one warm-up step: take the batch, then wait
     ``gpu_step_s`` (the simulated GPU step; 0 times the batch building alone)."""
-    stream = SampleStream(cfg.data.train_shards, cfg.data.shuffle_buffer, 0)
+    stream = SampleStream(cfg.data.train_shards, cfg.data.shuffle_buffer, 0, decode_workers)
     with StepBatches(cfg, stream, 0, steps + 1, prefetch, workers) as batches:
         next(batches)
         t0 = time.perf_counter()
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=640, help="side of the synthetic JPEGs")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--workers", type=int, default=4, help="resize threads (DataConfig.resize_workers)")
+    p.add_argument("--decode-workers", type=int, default=2,
+                   help="DataLoader processes decoding the shards in the last row (DataConfig.decode_workers)")
     p.add_argument("--gpu-step-ms", type=float, default=224.5, help="the simulated GPU step")
     p.add_argument("--shards", default=None, help="existing image shards (default: write synthetic JPEGs)")
     p.add_argument("--tiny", action="store_true", help="smoke run: small images and batches")
@@ -88,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         row = {"on_demand_build_ms": 1e3 * time_loop(cfg, args.steps, 0, 1, 0.0),
                "threads_build_ms": 1e3 * time_loop(cfg, args.steps, 0, args.workers, 0.0),
                "loop_on_demand_ms": 1e3 * time_loop(cfg, args.steps, 0, args.workers, gpu_s),
-               "loop_prefetch_ms": 1e3 * time_loop(cfg, args.steps, 2, args.workers, gpu_s)}
+               "loop_prefetch_ms": 1e3 * time_loop(cfg, args.steps, 2, args.workers, gpu_s),
+               "loop_prefetch_decode_workers_ms": 1e3 * time_loop(cfg, args.steps, 2, args.workers, gpu_s,
+                                                                  args.decode_workers)}
     b = args.batch
     print(f"{args.resolution} px, batch {b}, {args.image_size} px JPEGs, {os.cpu_count()} CPUs, "
           f"{args.workers} resize threads")
@@ -99,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  trainer loop with a {args.gpu_step_ms:g} ms GPU step: on demand {row['loop_on_demand_ms']:.1f} ms/step, "
           f"prefetch 2 {row['loop_prefetch_ms']:.1f} ms/step  ->  "
           f"{row['loop_on_demand_ms'] / row['loop_prefetch_ms']:.2f}x (the GPU step alone: {args.gpu_step_ms:g} ms)")
+    print(f"  the same with {args.decode_workers} decode processes: "
+          f"{row['loop_prefetch_decode_workers_ms']:.1f} ms/step  ->  "
+          f"{row['loop_on_demand_ms'] / row['loop_prefetch_decode_workers_ms']:.2f}x")
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "cpu": platform.processor(), "cpus": os.cpu_count(), **vars(args)}
     if args.json:
