@@ -155,18 +155,22 @@ def _key_of(sample):
     return [sample.key]
 
 
+def _read_keys(paths, batch_size, num_workers, shuffle_buffer, seed, state=None, stop_after=None):
+    """Keys read through ``ShardDataset.loader`` (from ``state``), up to ``stop_after``; -> (keys, state)."""
+    ds = read_shards(paths, shuffle_buffer=shuffle_buffer, seed=seed, resume_from=state)
+    loader = ds.loader(batch_size=batch_size, num_workers=num_workers, collate_fn=_keys_of if batch_size else _key_of)
+    got = []
+    for batch in loader:
+        got += batch
+        if stop_after is not None and len(got) >= stop_after:
+            break
+    return got, loader.state_dict()
+
+
 @pytest.mark.parametrize("batch_size,num_workers", [(3, 2), (None, 2), (2, 0)])
 def test_resume_with_loader(shards, batch_size, num_workers):
     def run(state=None, stop_after=None):
-        ds = read_shards(shards, shuffle_buffer=4, seed=7, resume_from=state)
-        loader = ds.loader(batch_size=batch_size, num_workers=num_workers,
-                           collate_fn=_keys_of if batch_size else _key_of)
-        got = []
-        for batch in loader:
-            got += batch
-            if stop_after is not None and len(got) >= stop_after:
-                return got, loader.state_dict()
-        return got, loader.state_dict()
+        return _read_keys(shards, batch_size, num_workers, 4, 7, state, stop_after)
 
     full, _ = run()
     assert sorted(full) == ALL_KEYS
@@ -192,15 +196,7 @@ def test_resumed_loader_keeps_the_order_with_uneven_streams(tmp_path, batch_size
     paths = write_shards(_samples(35), tmp_path / "uneven", samples_per_shard=5)
 
     def run(state=None, stop_after=None):
-        ds = read_shards(paths, shuffle_buffer=3, seed=2, resume_from=state)
-        loader = ds.loader(batch_size=batch_size, num_workers=num_workers,
-                           collate_fn=_keys_of if batch_size else _key_of)
-        got = []
-        for batch in loader:
-            got += batch
-            if stop_after is not None and len(got) >= stop_after:
-                break
-        return got, loader.state_dict()
+        return _read_keys(paths, batch_size, num_workers, 3, 2, state, stop_after)
 
     full, _ = run()
     assert sorted(full) == ALL_KEYS[:35]
