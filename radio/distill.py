@@ -69,7 +69,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
@@ -85,6 +85,10 @@ from mmfm.radio.step_batches import StepBatches
 from mmfm.radio.teachers import TeacherSpec
 from mmfm.radio.vit import create_student
 from mmfm.training import EngineConfig, OptimizerConfig
+
+if TYPE_CHECKING:
+    from mmfm.logging_utils import MetricLogger
+    from mmfm.training import Engine
 
 __all__ = [
     "COMPILE_MODES",
@@ -836,9 +840,9 @@ class SampleStream:
         self.batcher.load_state_dict(state)
 
 
-def _train_steps(cfg: RadioTrainConfig, start: int, engine: Any, maker: TargetMaker, batches: StepBatches,
+def _train_steps(cfg: RadioTrainConfig, start: int, engine: Engine, maker: TargetMaker, batches: StepBatches,
                  sched: RefitSchedule, step_flops: Mapping[StepPlan, StepFlops], peak_tflops: float | None,
-                 logger: Any, normalizers: Mapping[str, nn.Module], ckpt_dir: Path, world: int,
+                 logger: MetricLogger, normalizers: Mapping[str, nn.Module], ckpt_dir: Path, world: int,
                  crash_after: int | None) -> None:
     """Optimizer steps ``start .. cfg.steps - 1`` of ``train`` (module docstring, 1-9): log, refit, checkpoint."""
     from mmfm.distributed import barrier
