@@ -104,9 +104,10 @@ def possible_plans(cfg: RadioTrainConfig) -> list[StepPlan]:
 
 
 def count_step_flops(maker: TargetMaker, encoder: nn.Module, plan: StepPlan) -> StepFlops:
-    """FLOPs of one micro-batch of ``plan``: the teachers' forward on the plan's pictures (through ``maker``) and the student ``encoder``'s forward + backward with the plan's heads, counted on one image and
-    scaled by the partition's batch size. RNG state and gradients are left as they were; eager models only
-    (module docstring)."""
+    """FLOPs of one micro-batch of ``plan``: the teachers' forward on the plan's pictures (through ``maker``)
+    and the student ``encoder``'s forward + backward with the plan's heads, counted on one image and scaled by
+    the partition's batch size. RNG state and gradients are left as they were; eager models only (module
+    docstring)."""
     from mmfm.radio.distill import teachers_for
 
     cfg = maker.cfg
@@ -118,10 +119,11 @@ def count_step_flops(maker: TargetMaker, encoder: nn.Module, plan: StepPlan) -> 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         units = torch.rand(k * k, 3, h // k, w // k, device=device)
         teachers = {}
-        for name in names:
-            with FlopCounterMode(display=False) as fc, model_flops_paths(maker.teachers.values()):
-                maker.teacher_output(name, units)
-            teachers[name] = fc.get_total_flops()
+        with model_flops_paths(maker.teachers.values()):
+            for name in names:
+                with FlopCounterMode(display=False) as fc:
+                    maker.teacher_output(name, units)
+                teachers[name] = fc.get_total_flops()
         image = torch.rand(1, 3, h, w, device=device)
         run = [n for n in encoder.adaptors if n in names] or None
         with FlopCounterMode(display=False) as fc:

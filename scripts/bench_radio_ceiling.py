@@ -49,11 +49,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
-import json
 import math
-import platform
 import re
 import time
 from collections import Counter
@@ -263,10 +260,7 @@ def capture_step(cfg: RadioTrainConfig, partition: int, device: torch.device, st
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.rand(part.batch_size, 3, *plan.resolution, device=device, generator=gen)
     names = teachers_for(cfg, plan)
-    maker.observe(maker.teacher_outputs(plan, x))  # normalisers need moments before targets
-    for name in names:
-        if name in normalizers:
-            normalizers[name].fit()
+    bench.prime_normalizers(maker, plan, x)
     engine.train()
     caps = {g: OpCapture(g, stash_on) for g in GROUPS}
     paths = model_flops_paths(teachers.values()) if model_paths else no_mha_fastpath()
@@ -452,14 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         print_row(row, args.peak_tflops)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "torch": torch.__version__, "precision": precision, "peak_tflops": args.peak_tflops,
+    meta = {**bench.run_meta(device), "precision": precision, "peak_tflops": args.peak_tflops,
             "iters": args.iters, "warmup": args.warmup, "stash": args.stash,
             "model_flops_paths": args.model_flops_paths, "student_sdpa": args.student_sdpa}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    bench.write_json(args.json, meta, rows=rows)
     return 0
 
 

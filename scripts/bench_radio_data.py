@@ -24,13 +24,13 @@ bounds what the resize threads and decode processes can gain.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
+
+import torch
+from bench_radio_train import run_meta, write_json  # scripts/ is on sys.path when a script is run
 
 from mmfm.radio.distill import DataConfig, PartitionConfig, RadioTrainConfig, SampleStream, StudentConfig
 from mmfm.radio.step_batches import StepBatches
@@ -108,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  the same with {args.decode_workers} decode processes: "
           f"{row['loop_prefetch_decode_workers_ms']:.1f} ms/step  ->  "
           f"{row['loop_on_demand_ms'] / row['loop_prefetch_decode_workers_ms']:.2f}x")
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-            "cpu": platform.processor(), "cpus": os.cpu_count(), **vars(args)}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "row": row}, f, indent=2)
+    write_json(args.json, {**run_meta(torch.device("cpu")), "cpus": os.cpu_count(), **vars(args)}, row=row)
     return 0
 
 

@@ -53,6 +53,7 @@ from mmfm.radio.distill import (
     TargetMaker,
     compile_models,
     setup,
+    teachers_for,
 )
 from mmfm.radio.flops import count_step_flops
 from mmfm.radio.teachers import Teacher, TeacherSpec
@@ -99,6 +100,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def prime_normalizers(maker: TargetMaker, plan: StepPlan, images: torch.Tensor) -> None:
+    """Feed one batch of the plan's teacher features to the normalisers and fit those of the plan's teachers,
+    so that ``maker.targets`` has a fitted normaliser for every teacher the step runs."""
+    maker.observe(maker.teacher_outputs(plan, images))
+    for name in teachers_for(maker.cfg, plan):
+        if name in maker.normalizers:
+            maker.normalizers[name].fit()
+
+
+def run_meta(device: torch.device) -> dict:
+    """What every bench JSON records about the run: UTC date, device name, torch version."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__}
+
+
+def write_json(path: str | None, meta: dict, **results: object) -> None:
+    """``{"meta": meta, **results}`` to ``path`` (nothing without a path)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"meta": meta, **results}, f, indent=2)
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> float:
     """Mean synchronised wall time of ``fn()`` over ``iters`` calls after ``warmup`` calls, in ms."""
     for _ in range(warmup):
@@ -132,10 +156,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
     def images() -> torch.Tensor:
         return torch.rand(part.batch_size, 3, *plan.resolution, device=device, generator=gen)
 
-    maker.observe(maker.teacher_outputs(plan, images()))  # normalisers need moments before targets
-    for name in _names(cfg, partition):
-        if name in normalizers:
-            normalizers[name].fit()
+    prime_normalizers(maker, plan, images())
     engine.train()
 
     def step() -> None:
@@ -349,16 +370,12 @@ def main() -> int:
         print("    torch.compile: " + "  ".join(f"{k} {dict(counters[k])}" for k in ("frames", "stats", "recompiles")
                                                if counters.get(k)) + f"  graph breaks {sum(counters['graph_break'].values())}",
               flush=True)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "torch": torch.__version__, "precision": precision, "peak_tflops": args.peak_tflops,
+    meta = {**run_meta(device), "precision": precision, "peak_tflops": args.peak_tflops,
             "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "deepspeed": args.deepspeed,
             "teacher_autocast": args.teacher_autocast, "student_sdpa": args.student_sdpa,
             "timm_sam_attention": args.timm_sam_attention, "compile_mode": args.compile_mode,
             "compile_blocks_only": args.compile_blocks_only, "open_clip_mha": args.open_clip_mha}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_json(args.json, meta, rows=rows)
     return 0
 
 

@@ -46,9 +46,7 @@ def main() -> int:
     maker = TargetMaker(cfg, teachers, infos, norms, engine.device)
     plan = StepPlan(0, (res, res), 1)
     x = torch.rand(b, 3, res, res, device=dev)
-    maker.observe(maker.teacher_outputs(plan, x))
-    for name in bench._names(cfg, 0):
-        norms[name].fit()
+    bench.prime_normalizers(maker, plan, x)
     targets = maker.targets(plan, maker.teacher_outputs(plan, x))
     engine.train()
     enc = model.encoder
