@@ -410,11 +410,7 @@ def print_row(row: dict, peak_tflops: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--low", type=int, default=432)
-    p.add_argument("--high", type=int, default=1024)
-    p.add_argument("--batch-low", type=int, default=64)
-    p.add_argument("--batch-high", type=int, default=16)
+    bench.add_point_args(p)
     p.add_argument("--points", nargs="+", choices=("low", "high"), default=["low", "high"])
     p.add_argument("--iters", type=int, default=20, help="timed calls per signature")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per signature first")

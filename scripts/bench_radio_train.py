@@ -280,13 +280,18 @@ def _names(cfg: RadioTrainConfig, partition: int) -> list[str]:
     return [t.name for t in cfg.teachers if not t.partitions or pname in t.partitions]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_point_args(p: argparse.ArgumentParser) -> None:
+    """The device and the two points (student resolution and batch of the low and high partitions)."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--low", type=int, default=432)
     p.add_argument("--high", type=int, default=1024)
     p.add_argument("--batch-low", type=int, default=64)
     p.add_argument("--batch-high", type=int, default=16)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_point_args(p)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
