@@ -76,6 +76,9 @@ class TeacherSpec:
         model_kwargs: extra constructor arguments (timm kwargs, open_clip model config, HF config kwargs).
         mean / std: override the input normalisation (defaults come from the model's config).
         width / depth / heads: size of a ``toy`` teacher.
+        gelu_epilogue: run each MLP's first Linear + GELU (timm ``Mlp``, open_clip blocks) as one cuBLASLt GEMM
+            with a GELU epilogue on CUDA bf16 (``mmfm.kernels.linear_gelu``). That GELU is the tanh
+            approximation: outputs move by less than the teacher's own bf16 rounding (the op's docstring).
     """
 
     name: str
@@ -101,6 +104,7 @@ class TeacherSpec:
     width: int | None = None
     depth: int | None = None
     heads: int | None = None
+    gelu_epilogue: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in ("open_clip", "timm", "transformers", "toy"):
@@ -476,6 +480,35 @@ def _sam_contiguous_tokens(model: nn.Module) -> bool:
     return True
 
 
+def _gelu_epilogue_mlps(model: nn.Module) -> int:
+    """Fuse the first Linear and the ``nn.GELU`` of every timm ``Mlp`` (``fc1``, ``act``) and open_clip block MLP
+    (``c_fc``, ``gelu``) of ``model`` into one :class:`~mmfm.kernels.linear_gelu.LinearGELU` (same parameters and
+    state-dict keys; the GELU becomes ``nn.Identity``). Returns how many MLPs were fused."""
+    from mmfm.kernels.linear_gelu import LinearGELU
+
+    try:
+        from timm.layers import Mlp as TimmMlp
+    except ImportError:
+        TimmMlp = ()  # noqa: N806 - isinstance(m, ()) is False
+    n = 0
+    for m in model.modules():
+        # only these two forwards are known to apply the GELU straight to the Linear's output (timm's GluMlp
+        # / SwiGLU also have fc1 + act, but gate half of fc1's output)
+        if type(m) is TimmMlp:
+            names = ("fc1", "act")
+        elif type(m) is nn.Sequential and list(m._modules)[:2] == ["c_fc", "gelu"]:
+            names = ("c_fc", "gelu")
+        else:
+            continue
+        lin_name, act_name = names
+        lin, act = getattr(m, lin_name), getattr(m, act_name)
+        if type(lin) is nn.Linear and isinstance(act, nn.GELU):
+            setattr(m, lin_name, LinearGELU.from_linear(lin))
+            setattr(m, act_name, nn.Identity())
+            n += 1
+    return n
+
+
 _HF_KINDS = {
     # kind: (model class, config class, default mean, default std)
     "siglip": ("SiglipVisionModel", "SiglipVisionConfig", HALF, HALF),
@@ -550,6 +583,9 @@ def build_teacher(spec: TeacherSpec) -> Teacher:
     builder = {"open_clip": _build_open_clip, "timm": _build_timm, "transformers": _build_transformers,
                "toy": _build_toy}[spec.family]
     teacher = builder(spec)
+    if spec.gelu_epilogue and not _gelu_epilogue_mlps(teacher.model):
+        raise ValueError(f"teacher {spec.name!r}: gelu_epilogue=true but its model has no Linear + nn.GELU MLP "
+                         "(timm Mlp or open_clip block) to fuse; set gelu_epilogue: false")
     if spec.input_size % teacher.patch_size and not spec.match_student_resolution:
         raise ValueError(f"teacher {spec.name!r}: input_size={spec.input_size} is not a multiple of its patch size "
                          f"{teacher.patch_size}; use e.g. {math.ceil(spec.input_size / teacher.patch_size) * teacher.patch_size}")

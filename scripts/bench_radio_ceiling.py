@@ -69,7 +69,7 @@ from mmfm.training import Engine
 
 GROUPS = ("teacher", "targets", "student")
 KINDS = ("gemm", "conv", "attn_fwd", "attn_bwd", "other")
-_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm"}
+_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear_gelu"}  # linear_gelu: mmfm.kernels
 # names of ops outside the FLOP registry that probably hide matmul work: listed in the report
 _HEAVY = re.compile(r"attention|matmul|(?<!bi)linear|conv|einsum|mm_?$")
 

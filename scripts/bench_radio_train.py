@@ -60,23 +60,24 @@ from mmfm.radio.teachers import Teacher, TeacherSpec
 from mmfm.training import EngineConfig, OptimizerConfig
 
 LARGE_TEACHERS = [
-    TeacherSpec(name="clip", family="open_clip", model_name="ViT-L-14-336", input_size=336),
+    TeacherSpec(name="clip", family="open_clip", model_name="ViT-L-14-336", input_size=336, gelu_epilogue=True),
     TeacherSpec(name="dino", family="timm", model_name="vit_large_patch14_reg4_dinov2", input_size=448,
-                match_student_resolution=True, model_kwargs={"dynamic_img_size": True}),
+                match_student_resolution=True, model_kwargs={"dynamic_img_size": True}, gelu_epilogue=True),
     TeacherSpec(name="sam", family="timm", model_name="samvit_large_patch16", input_size=1024, use_summary=False,
-                partitions=["high"]),
+                partitions=["high"], gelu_epilogue=True),
 ]
 TINY_TEACHERS = [
     TeacherSpec(name="clip", family="open_clip", input_size=64,
                 model_kwargs={"embed_dim": 48, "vision_cfg": {"width": 64, "layers": 2, "patch_size": 16,
-                                                              "head_width": 32}}),
+                                                              "head_width": 32}}, gelu_epilogue=True),
     TeacherSpec(name="dino", family="timm", model_name="vit_small_patch14_dinov2", input_size=64,
                 match_student_resolution=True,
-                model_kwargs={"embed_dim": 48, "depth": 2, "num_heads": 3, "patch_size": 8, "dynamic_img_size": True}),
+                model_kwargs={"embed_dim": 48, "depth": 2, "num_heads": 3, "patch_size": 8, "dynamic_img_size": True},
+                gelu_epilogue=True),
     TeacherSpec(name="sam", family="timm", model_name="samvit_base_patch16", input_size=128, use_summary=False,
                 partitions=["high"],
                 model_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1],
-                              "window_size": 4, "neck_chans": 32}),
+                              "window_size": 4, "neck_chans": 32}, gelu_epilogue=True),
 ]
 
 
@@ -318,6 +319,10 @@ def main() -> int:
     p.add_argument("--student-sdpa", nargs="+", default=None, metavar="BACKEND",
                    help="the student's SDPA kernel preference, best first (flash, cudnn, efficient, math); "
                         "default: PyTorch's choice")
+    p.add_argument("--no-gelu-epilogue", action="store_true",
+                   help="teachers' MLPs as Linear + separate exact GELU (before TeacherSpec.gelu_epilogue), for A/B")
+    p.add_argument("--normalizer-fp32", action="store_true",
+                   help="PHI-S target transform in plain fp32 (before normalizer_tf32), for A/B")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.teacher_autocast:
@@ -333,6 +338,9 @@ def main() -> int:
     cfg = make_config(args.tiny, args.low, args.high, args.batch_low, args.batch_high, precision)
     cfg.compile = args.compile
     cfg.compile_mode = args.compile_mode
+    cfg.normalizer_tf32 = not args.normalizer_fp32
+    for t in cfg.teachers:
+        t.gelu_epilogue = t.gelu_epilogue and not args.no_gelu_epilogue
     cfg.engine.deepspeed_config = args.deepspeed
     rows = []
     for partition, pname in enumerate(("low", "high")):
@@ -379,7 +387,8 @@ def main() -> int:
             "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "deepspeed": args.deepspeed,
             "teacher_autocast": args.teacher_autocast, "student_sdpa": args.student_sdpa,
             "timm_sam_attention": args.timm_sam_attention, "compile_mode": args.compile_mode,
-            "compile_blocks_only": args.compile_blocks_only, "open_clip_mha": args.open_clip_mha}
+            "compile_blocks_only": args.compile_blocks_only, "open_clip_mha": args.open_clip_mha,
+            "gelu_epilogue": not args.no_gelu_epilogue, "normalizer_tf32": not args.normalizer_fp32}
     write_json(args.json, meta, rows=rows)
     return 0
 

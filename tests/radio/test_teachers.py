@@ -279,3 +279,44 @@ def test_open_clip_packed_attention_matches_multihead_attention_on_gpu(dtype, to
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _check_open_clip_packed_attention(dtype, tol, "cuda")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("family,name,kw", [
+    ("open_clip", "", dict(model_kwargs=dict(embed_dim=24, vision_cfg=dict(layers=2, width=64, head_width=16,
+                                                                           patch_size=8)))),
+    ("timm", "vit_small_patch14_dinov2", dict(model_kwargs=dict(depth=2, embed_dim=48, num_heads=2))),
+    ("timm", "samvit_base_patch16", dict(model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, window_size=2,
+                                                           global_attn_indexes=[1], neck_chans=16))),
+])
+def test_gelu_epilogue_teacher_close_to_exact_gelu(family, name, kw, dtype, tol):
+    # gelu_epilogue fuses each MLP's fc1 + GELU (tanh approximation); the unfused teacher (exact GELU) with the
+    # same weights is the reference. Weights (and LayerScales) are scaled up so the MLPs' pre-activations
+    # reach the range where the two GELUs differ most (|x| ~ 1-3) and the MLPs reach the output
+    from mmfm.kernels.linear_gelu import LinearGELU
+
+    spec = TeacherSpec("t", family, name, input_size=56 if "dino" in name else 64, **kw)
+    torch.manual_seed(0)
+    ref = build_teacher(spec)
+    with torch.no_grad():
+        for m in ref.model.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, std=1.5 * m.in_features**-0.5)
+            if isinstance(getattr(m, "gamma", None), torch.nn.Parameter):  # DINOv2's LayerScale starts at 1e-5
+                m.gamma.fill_(1.0)
+    fused = build_teacher(TeacherSpec(**{**vars(spec), "gelu_epilogue": True}))
+    fused.model.load_state_dict(ref.model.state_dict())  # same keys: the fused Linear keeps its names
+    assert sum(isinstance(m, LinearGELU) for m in fused.modules()) == 2
+    assert not any(isinstance(m, torch.nn.GELU) for m in fused.model.modules())
+    ref.model.to(dtype)
+    fused.model.to(dtype)
+    imgs = _images(s=60)
+    for got, want in zip(fused(imgs), ref(imgs)):
+        rel = (got - want).norm() / want.norm()
+        assert 0 < rel < tol, f"{family} {name}: relative difference {rel:.3g}"
+
+
+def test_gelu_epilogue_needs_a_gelu_mlp():
+    spec = TeacherSpec("h", "transformers", "dinov2", input_size=32, gelu_epilogue=True, model_kwargs=TINY_HF["dinov2"])
+    with pytest.raises(ValueError, match="gelu_epilogue"):
+        build_teacher(spec)
