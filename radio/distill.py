@@ -80,7 +80,7 @@ from mmfm.radio.balancing import build_balancer
 from mmfm.radio.encoder import RadioEncoder
 from mmfm.radio.flops import StepFlops, count_step_flops, dense_bf16_peak_tflops, possible_plans
 from mmfm.radio.losses import feature_loss, fidelity, match_resolution, summary_loss
-from mmfm.radio.normalizers import RefitSchedule, build_normalizer
+from mmfm.radio.normalizers import RefitSchedule, build_normalizer, tf32_matmuls
 from mmfm.radio.step_batches import StepBatches
 from mmfm.radio.teachers import TeacherSpec
 from mmfm.radio.vit import create_student
@@ -252,6 +252,10 @@ class RadioTrainConfig:
     # templates autotuned per shape: minutes of compile per resolution; on an H100 with torch 2.11 cuBLAS beat
     # every template on the step's large GEMMs, BENCHMARKS.md) or "max-autotune"
     compile_mode: str | None = None
+    # the normalisers' target transform ((tokens, C) x (C, C) on bf16 teacher features) on TF32 tensor cores
+    # on GPUs (normalizers.tf32_matmuls: ~5e-4 relative rounding, below the features' own bf16 rounding); the
+    # moments and the fit stay float64
+    normalizer_tf32: bool = True
     # dense bf16 peak of one GPU (TFLOP/s) for the logged MFU; None: looked up by GPU name (H100/H200 989,
     # A100 312, ...), and no MFU is logged for an unknown device (TFLOP/s always is)
     peak_tflops: float | None = None
@@ -731,7 +735,11 @@ class TargetMaker:
             if summary is not None and k == 1:
                 t["summary"] = summary.float()
             if feats is not None:
-                f = _norm_forward(self.normalizers[name], feats) if name in self.normalizers else feats
+                if name in self.normalizers:
+                    with tf32_matmuls(self.cfg.normalizer_tf32):
+                        f = _norm_forward(self.normalizers[name], feats)
+                else:
+                    f = feats
                 if self.cfg.loss.match == "teacher_to_student":
                     u = int(_spec_get(self.specs[name], "upsample_factor", 1) or 1)
                     f = resize(f, (tile[0] * u, tile[1] * u))

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from mmfm.radio.hadamard import hadamard, hadamard_exists
-from mmfm.radio.normalizers import NORMALIZERS, PHIS, RefitSchedule, build_normalizer
+from mmfm.radio.normalizers import NORMALIZERS, PHIS, RefitSchedule, build_normalizer, tf32_matmuls
 
 
 def _data(n=4000, c=12, seed=0, rank=None):
@@ -224,3 +224,40 @@ def test_moments_all_reduced_across_ranks(tmp_path):
         torch.testing.assert_close(out["running_mean"], ref.running_mean, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(out["running_m2"], ref.running_m2, rtol=1e-9, atol=1e-6)
     torch.testing.assert_close(outs[0]["transform"], outs[1]["transform"], rtol=0, atol=0)
+
+
+def test_tf32_matmuls_restores_the_setting():
+    matmul = torch.backends.cuda.matmul
+    attr = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, attr)
+    with tf32_matmuls():
+        assert getattr(matmul, attr) in ("tf32", True)
+    assert getattr(matmul, attr) == before
+    with pytest.raises(RuntimeError), tf32_matmuls():
+        raise RuntimeError("restored on errors too")
+    assert getattr(matmul, attr) == before
+    with tf32_matmuls(enabled=False):
+        assert getattr(matmul, attr) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["phi_s", "channel"])
+def test_tf32_transform_of_bf16_features_close_to_float64(kind):
+    # the trainer's targets: bf16-valued teacher features (PHI-S width 1024) through the fitted transform.
+    # float64 math is the reference; TF32 rounds the centred inputs and T to 10 mantissa bits (rel. ~2^-11
+    # each), so its error must stay below the bf16 rounding of the features themselves (2^-9 = 2e-3)
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    x = torch.from_numpy(_data(n=20000, c=1024)).float().cuda()
+    norm = build_normalizer(kind, 1024).cuda()
+    norm.update(x)
+    norm.fit()
+    feats = x[:4096].bfloat16().float()  # values a bf16 teacher returns
+    want = (feats.double() - norm.mean.double()) @ norm.transform.double().T
+    fp32 = norm(feats).double()
+    with tf32_matmuls():
+        tf32 = norm(feats).double()
+    rel = lambda y: ((y - want).norm() / want.norm()).item()  # noqa: E731
+    assert rel(fp32) < 1e-6
+    assert rel(tf32) < 2e-3 / 4
+    assert rel(tf32) > rel(fp32)  # the TF32 path did run (a silent fp32 fallback would hide a broken switch)
