@@ -1,20 +1,18 @@
-"""Linear + GELU as one GEMM: ``gelu_tanh(x @ W^T + b)`` with the bias and the GELU in cuBLASLt's epilogue.
+"""Linear + GELU as one GEMM: ``gelu_tanh(x @ W^T + b)``, the bias and the GELU in cuBLASLt's epilogue.
 
-A transformer MLP's first Linear writes a (tokens, 4 * D) activation, and a separate elementwise kernel reads it
-back to apply GELU and writes it again; torch.compile fuses the bias into that kernel but cannot move it into
-cuBLAS's GEMM. cuBLASLt's ``GELU_BIAS`` epilogue (PyTorch: ``torch._addmm_activation(.., use_gelu=True)``)
-applies both while the GEMM's tile is still in registers, which saves two passes over the widest activation of
-the block. That is what the frozen ViT-L teachers of a RADIO step spend ~12 ms of a 225 ms step on (H100, 432 px,
-BENCHMARKS.md).
+A transformer MLP's first Linear writes a (tokens, 4 * D) activation, and a separate elementwise kernel reads
+it back to apply GELU and writes it again; torch.compile fuses the bias into that kernel but cannot move it
+into cuBLAS's GEMM. cuBLASLt's ``GELU_BIAS`` epilogue (PyTorch: ``torch._addmm_activation(.., use_gelu=True)``)
+applies both while the GEMM's tile is still in registers, saving two passes over the block's widest
+activation: ~12 ms of the frozen ViT-L teachers' time in a 225 ms RADIO step (H100, 432 px, BENCHMARKS.md).
 
-The epilogue computes the **tanh approximation** of GELU (``F.gelu(.., approximate="tanh")``), so this op
-is defined as that, on every device: CPU and other inputs run the reference. Against exact (erf) GELU the
-difference is below 4.8e-4 everywhere (largest near x = 2.7; checked in the tests), under half of bf16's
-rounding step at |values| >= 0.125; the teachers run in bf16, so swapping it in changes their outputs at the level of their own
-rounding noise.
+The epilogue computes the **tanh approximation** of GELU (``F.gelu(.., approximate="tanh")``), so the op is
+defined as that on every device (CPU and other inputs run the reference). It differs from exact (erf) GELU
+by less than 4.8e-4 everywhere (largest near x = 2.7; checked in the tests), under half of bf16's rounding
+step for |values| >= 0.125: a bf16 teacher's outputs move at the level of its own rounding noise.
 
-The op is a ``torch.library`` custom op, so torch.compile keeps it as one call instead of decomposing it back
-into a GEMM and a Triton GELU kernel. Backward (for completeness; teachers need none) recomputes the
+The op is a ``torch.library`` custom op, so torch.compile keeps it as one call instead of decomposing it
+back into a GEMM and a Triton GELU kernel. Backward (for completeness; teachers need none) recomputes the
 pre-activation with the reference.
 """
 

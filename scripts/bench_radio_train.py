@@ -138,7 +138,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: 
 
 def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, warmup: int, iters: int,
                 gradient_checkpointing: bool, profile: bool = False, student_sdpa: list[str] | None = None,
-                compile_heads_and_losses: bool = True) -> dict:
+                compile_heads_and_losses: bool = True, overlap_teachers: bool = False) -> dict:
     from mmfm.training import Engine
 
     teachers, infos, model, normalizers = setup(cfg, device)
@@ -166,6 +166,33 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         res = engine.forward(x, targets)
         engine.backward(res["loss"])
         engine.step()
+
+    side = torch.cuda.Stream(device) if overlap_teachers else None
+    ahead: list = []  # [(images, raw teacher outputs)] of the next step, computed on ``side``
+
+    def overlapped_step() -> None:
+        # the teachers of step t + 1 run on a side stream while the student of step t runs on the main one
+        main = torch.cuda.current_stream(device)
+        if not ahead:
+            x0 = images()
+            ahead.append((x0, maker.teacher_outputs(plan, x0)))
+        x, raw = ahead.pop()
+        main.wait_stream(side)
+        for out in raw.values():
+            for t in out:
+                if t is not None:
+                    t.record_stream(main)  # made on ``side``, read and freed on ``main``
+        targets = maker.targets(plan, raw)
+        x_next = images()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            ahead.append((x_next, maker.teacher_outputs(plan, x_next)))
+        res = engine.forward(x, targets)
+        engine.backward(res["loss"])
+        engine.step()
+
+    if overlap_teachers:
+        step = overlapped_step  # noqa: F811 - the timed step; phases below stay synchronous
 
     if cfg.compile:
         compile_models(model, teachers, cfg.compile_mode, heads_and_losses=compile_heads_and_losses)
@@ -323,6 +350,8 @@ def main() -> int:
                    help="teachers' MLPs as Linear + separate exact GELU (before TeacherSpec.gelu_epilogue), for A/B")
     p.add_argument("--normalizer-fp32", action="store_true",
                    help="PHI-S target transform in plain fp32 (before normalizer_tf32), for A/B")
+    p.add_argument("--overlap-teachers", action="store_true",
+                   help="prototype: run the next step's teachers on a side CUDA stream during the student's step")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.teacher_autocast:
@@ -347,7 +376,7 @@ def main() -> int:
         if pname not in args.points:
             continue
         row = bench_point(cfg, partition, device, args.warmup, args.iters, args.grad_checkpointing, args.profile,
-                          args.student_sdpa, not args.compile_blocks_only)
+                          args.student_sdpa, not args.compile_blocks_only, args.overlap_teachers)
         row["mfu"] = row["achieved_tflops"] / args.peak_tflops
         ph = row["phase_ms"]
         row["teacher_mfu"] = row["teacher_tflop_per_step"] / (ph["teachers"] / 1e3) / args.peak_tflops
