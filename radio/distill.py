@@ -82,6 +82,7 @@ from mmfm.radio.flops import StepFlops, count_step_flops, dense_bf16_peak_tflops
 from mmfm.radio.losses import feature_loss, fidelity, match_resolution, summary_loss
 from mmfm.radio.normalizers import RefitSchedule, build_normalizer, tf32_matmuls
 from mmfm.radio.step_batches import StepBatches
+from mmfm.radio.teacher_lookahead import TeacherLookahead
 from mmfm.radio.teachers import TeacherSpec
 from mmfm.radio.vit import create_student
 from mmfm.training import EngineConfig, OptimizerConfig
@@ -256,6 +257,9 @@ class RadioTrainConfig:
     # on GPUs (normalizers.tf32_matmuls: ~5e-4 relative rounding, below the features' own bf16 rounding); the
     # moments and the fit stay float64
     normalizer_tf32: bool = True
+    # run the next micro-batch's teachers on a side CUDA stream during this one's student step
+    # (radio/teacher_lookahead.py; same losses, more memory)
+    overlap_teachers: bool = False
     # dense bf16 peak of one GPU (TFLOP/s) for the logged MFU; None: looked up by GPU name (H100/H200 989,
     # A100 312, ...), and no MFU is logged for an unknown device (TFLOP/s always is)
     peak_tflops: float | None = None
@@ -693,7 +697,7 @@ class TargetMaker:
     def teacher_output(self, name: str, units: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One teacher's raw (summary, features) on the pictures ``units`` (B, 3, H, W), at its input size."""
         spec, info = self.specs[name], self.infos[name]
-        x = resize(units.to(self.device), teacher_input_size(spec, info, tuple(units.shape[-2:]), self.patch))
+        x = resize(units.to(self.device, non_blocking=True), teacher_input_size(spec, info, tuple(units.shape[-2:]), self.patch))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             summary, feats = run_teacher(self.teachers[name], x)
             if name in self.upsamplers and info.feature_dim:
@@ -856,15 +860,15 @@ def _train_steps(cfg: RadioTrainConfig, start: int, engine: Engine, maker: Targe
     from mmfm.distributed import barrier
 
     accum = cfg.engine.grad_accum
+    with_teachers = TeacherLookahead(batches, maker, engine.device, cfg.overlap_teachers)
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         lr = engine.lr
         metrics: dict[str, torch.Tensor] = {}
         n_images, flops = 0, 0.0
         for _ in range(accum):
-            batch = next(batches)
-            plan, student_images, units = batch.plan, batch.student, batch.units
-            raw = maker.teacher_outputs(plan, units)
+            batch, raw = next(with_teachers)
+            plan, student_images = batch.plan, batch.student
             if sched.update_at(step):
                 maker.observe(raw)
             targets = maker.targets(plan, raw)

@@ -40,6 +40,7 @@ import json
 import platform
 import time
 from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 
 import torch
 
@@ -56,6 +57,7 @@ from mmfm.radio.distill import (
     teachers_for,
 )
 from mmfm.radio.flops import count_step_flops
+from mmfm.radio.teacher_lookahead import TeacherLookahead
 from mmfm.radio.teachers import Teacher, TeacherSpec
 from mmfm.training import EngineConfig, OptimizerConfig
 
@@ -167,27 +169,18 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         engine.backward(res["loss"])
         engine.step()
 
-    side = torch.cuda.Stream(device) if overlap_teachers else None
-    ahead: list = []  # [(images, raw teacher outputs)] of the next step, computed on ``side``
+    def endless_batches() -> Iterable[SimpleNamespace]:
+        while True:
+            x = images()
+            yield SimpleNamespace(plan=plan, units=x, student=x)
+
+    with_teachers = TeacherLookahead(endless_batches(), maker, device)
 
     def overlapped_step() -> None:
-        # the teachers of step t + 1 run on a side stream while the student of step t runs on the main one
-        main = torch.cuda.current_stream(device)
-        if not ahead:
-            x0 = images()
-            ahead.append((x0, maker.teacher_outputs(plan, x0)))
-        x, raw = ahead.pop()
-        main.wait_stream(side)
-        for out in raw.values():
-            for t in out:
-                if t is not None:
-                    t.record_stream(main)  # made on ``side``, read and freed on ``main``
-        targets = maker.targets(plan, raw)
-        x_next = images()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            ahead.append((x_next, maker.teacher_outputs(plan, x_next)))
-        res = engine.forward(x, targets)
+        # what the trainer does with overlap_teachers: the teachers of step t + 1 are queued on a side stream
+        # before the student of step t
+        batch, raw = next(with_teachers)
+        res = engine.forward(batch.student, maker.targets(plan, raw))
         engine.backward(res["loss"])
         engine.step()
 
@@ -351,7 +344,8 @@ def main() -> int:
     p.add_argument("--normalizer-fp32", action="store_true",
                    help="PHI-S target transform in plain fp32 (before normalizer_tf32), for A/B")
     p.add_argument("--overlap-teachers", action="store_true",
-                   help="prototype: run the next step's teachers on a side CUDA stream during the student's step")
+                   help="run the next step's teachers on a side CUDA stream during the student's step "
+                        "(RadioTrainConfig.overlap_teachers)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.teacher_autocast:

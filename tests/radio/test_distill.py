@@ -352,6 +352,28 @@ def test_resume_is_exact_in_process(shards, tmp_path):
                 assert g[key] == pytest.approx(r[key], abs=1e-6, rel=0), (r["step"], key)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_overlap_teachers_trains_identically(shards, tmp_path, device):
+    # the next batch's teachers run ahead (on a side stream where the trainer runs on a GPU): the same losses
+    # as the sequential loop
+    if (device == "cuda") != torch.cuda.is_available():
+        pytest.skip("the trainer runs on CUDA when there is one")
+    train(_cfg(shards, steps=4, ckpt_every=4), tmp_path / "seq", progress=False)
+    train(_cfg(shards, steps=4, ckpt_every=4, overlap_teachers=True), tmp_path / "ahead", progress=False)
+    # and resumed half-way: the checkpoint saves the consumed batch's stream position, not the one ahead
+    train(_cfg(shards, steps=2, ckpt_every=2, overlap_teachers=True), tmp_path / "resumed", progress=False)
+    train(_cfg(shards, steps=4, ckpt_every=2, overlap_teachers=True), tmp_path / "resumed", resume=True,
+          progress=False)
+    ref = read_jsonl(tmp_path / "seq" / "metrics.jsonl")
+    for run in ("ahead", "resumed"):
+        got = read_jsonl(tmp_path / run / "metrics.jsonl")
+        assert [g["step"] for g in got] == [r["step"] for r in ref] == list(range(4))
+        for r, g in zip(ref, got):
+            for key in r:
+                if key.startswith(("loss", "cos", "fidelity")):
+                    assert g[key] == pytest.approx(r[key], abs=1e-6, rel=0), (run, r["step"], key)
+
+
 def test_compile_repeated_blocks_compiles_each_block_once():
     class Inner(nn.Module):
         def __init__(self):
