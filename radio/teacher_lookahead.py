@@ -75,7 +75,7 @@ class TeacherLookahead:
             main.wait_stream(self.side)  # this batch's teacher outputs are complete before the main stream reads
             for out in current[1].values():
                 for t in out:
-                    if t is not None:
+                    if t is not None and t.is_cuda:
                         t.record_stream(main)  # allocated on the side stream, read (and freed) on the main one
         # queued before the caller queues this batch's student work, so the two overlap on the GPU
         self._ahead = self._launch()

@@ -22,10 +22,10 @@ class _RecordingMaker:
         return {"t": (units.sum(dim=(1, 2, 3)), units * 2)}
 
 
-def _batches(n: int, log: list):
+def _batches(n: int, log: list, device: str):
     for i in range(n):
         log.append(("batch", i))
-        yield SimpleNamespace(index=i, plan=i, units=torch.full((2, 3, 4, 4), float(i)))
+        yield SimpleNamespace(index=i, plan=i, units=torch.full((2, 3, 4, 4), float(i), device=device))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -34,9 +34,9 @@ def test_lookahead_runs_one_batch_ahead_with_the_same_pairs(device):
         pytest.skip("needs CUDA")
     n = 4
     seq_log, ahead_log = [], []
-    seq = list(TeacherLookahead(_batches(n, seq_log), _RecordingMaker(seq_log), device, enabled=False))
+    seq = list(TeacherLookahead(_batches(n, seq_log, device), _RecordingMaker(seq_log), device, enabled=False))
     ahead = []
-    for batch, raw in TeacherLookahead(_batches(n, ahead_log), _RecordingMaker(ahead_log), device, enabled=True):
+    for batch, raw in TeacherLookahead(_batches(n, ahead_log, device), _RecordingMaker(ahead_log), device, enabled=True):
         ahead_log.append(("consumed", batch.index))
         ahead.append((batch, raw))
     assert [b.index for b, _ in seq] == [b.index for b, _ in ahead] == list(range(n))
