@@ -301,6 +301,18 @@ def _names(cfg: RadioTrainConfig, partition: int) -> list[str]:
     return [t.name for t in cfg.teachers if not t.partitions or pname in t.partitions]
 
 
+# on / off switches; most give the behaviour before an optimisation, for A/B in one session
+SWITCHES = {
+    "--teacher-autocast": "run the bf16-weight teachers under autocast (the behaviour before native bf16)",
+    "--timm-sam-attention": "keep timm's 3-D SAM attention (the behaviour before the 4-D SDPA change)",
+    "--open-clip-mha": "keep open_clip's nn.MultiheadAttention in the CLIP teacher (before the packed SDPA change)",
+    "--no-gelu-epilogue": "teachers' MLPs as Linear + separate exact GELU (before TeacherSpec.gelu_epilogue)",
+    "--normalizer-fp32": "PHI-S target transform in plain fp32 (before normalizer_tf32)",
+    "--overlap-teachers": "run the next step's teachers on a side CUDA stream during the student's step "
+                          "(RadioTrainConfig.overlap_teachers)",
+}
+
+
 def add_point_args(p: argparse.ArgumentParser) -> None:
     """The device and the two points (student resolution and batch of the low and high partitions)."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -329,23 +341,11 @@ def main() -> int:
                    help="time each teacher alone; top GPU kernels of each teacher and of the student")
     p.add_argument("--points", nargs="+", choices=("low", "high"), default=["low", "high"],
                    help="which partitions to measure")
-    p.add_argument("--teacher-autocast", action="store_true",
-                   help="run the bf16-weight teachers under autocast (the behaviour before native bf16), for A/B")
-    p.add_argument("--timm-sam-attention", action="store_true",
-                   help="keep timm's 3-D SAM attention (the behaviour before the 4-D SDPA change), for A/B")
-    p.add_argument("--open-clip-mha", action="store_true",
-                   help="keep open_clip's nn.MultiheadAttention in the CLIP teacher (before the packed SDPA change), "
-                        "for A/B")
+    for flag, text in SWITCHES.items():
+        p.add_argument(flag, action="store_true", help=text)
     p.add_argument("--student-sdpa", nargs="+", default=None, metavar="BACKEND",
                    help="the student's SDPA kernel preference, best first (flash, cudnn, efficient, math); "
                         "default: PyTorch's choice")
-    p.add_argument("--no-gelu-epilogue", action="store_true",
-                   help="teachers' MLPs as Linear + separate exact GELU (before TeacherSpec.gelu_epilogue), for A/B")
-    p.add_argument("--normalizer-fp32", action="store_true",
-                   help="PHI-S target transform in plain fp32 (before normalizer_tf32), for A/B")
-    p.add_argument("--overlap-teachers", action="store_true",
-                   help="run the next step's teachers on a side CUDA stream during the student's step "
-                        "(RadioTrainConfig.overlap_teachers)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.teacher_autocast:
