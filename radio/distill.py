@@ -23,12 +23,16 @@ data stream position and the RNG state, which is what makes resume exact):
    (the student's class tokens see ``k*k`` images), so **mosaic batches train only the feature heads**.
    A teacher with a ``featsharp_checkpoint`` gets its feature map from the FeatSharp upsampler
    (``u = upsample_factor`` times finer, mapped back to the teacher's space) instead of its plain output.
+   With ``overlap_teachers`` the teachers of the next micro-batch are queued on a side CUDA stream before
+   this one's student step (``mmfm.radio.teacher_lookahead``); nothing below changes order, so neither do
+   the losses.
 4. **Targets.** Teacher features pass through the teacher's normaliser (``cfg.normalizer``, default PHI-S;
    ``TeacherSpec.normalizer`` when the teacher names its own): before step 0 it is fitted from streaming
    float64 moments of ``normalizer_schedule.init_batches`` batches read from a second, independent stream of
    the training shards; during training each step's raw teacher features keep feeding the moments (all-reduced
    across ranks), and the normaliser is refitted after every ``refit_every``-th step up to ``refit_until``,
-   then frozen. Summary targets are the raw teacher summaries (the cosine loss is scale invariant).
+   then frozen. On GPUs the transform's matmul runs in TF32 (``normalizer_tf32``). Summary targets are the
+   raw teacher summaries (the cosine loss is scale invariant).
 5. **Resolution matching** per teacher (``loss.match``): ``"teacher_to_student"`` interpolates the
    (normalised) teacher map to the student adaptor grid ``(R/p * u)`` (under mosaic: per tile, before
    stitching, so no interpolation crosses a tile border); ``"student_to_teacher"`` interpolates the student
