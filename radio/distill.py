@@ -701,7 +701,8 @@ class TargetMaker:
     def teacher_output(self, name: str, units: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One teacher's raw (summary, features) on the pictures ``units`` (B, 3, H, W), at its input size."""
         spec, info = self.specs[name], self.infos[name]
-        x = resize(units.to(self.device, non_blocking=True), teacher_input_size(spec, info, tuple(units.shape[-2:]), self.patch))
+        size = teacher_input_size(spec, info, tuple(units.shape[-2:]), self.patch)
+        x = resize(units.to(self.device, non_blocking=True), size)  # non-blocking from pinned batches
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
             summary, feats = run_teacher(self.teachers[name], x)
             if name in self.upsamplers and info.feature_dim:

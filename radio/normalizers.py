@@ -43,6 +43,21 @@ import torch.nn as nn
 
 from mmfm.radio.hadamard import hadamard
 
+__all__ = [
+    "NORMALIZERS",
+    "FeatureNormalizer",
+    "GlobalStandardize",
+    "HadamardWhiten",
+    "Identity",
+    "PCAWhiten",
+    "PerChannelStandardize",
+    "PHIS",
+    "RefitSchedule",
+    "ZCAWhiten",
+    "build_normalizer",
+    "tf32_matmuls",
+]
+
 
 @contextlib.contextmanager
 def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
@@ -67,20 +82,6 @@ def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
             matmul.fp32_precision = old
         else:
             matmul.allow_tf32 = old
-
-__all__ = [
-    "NORMALIZERS",
-    "FeatureNormalizer",
-    "GlobalStandardize",
-    "HadamardWhiten",
-    "Identity",
-    "PCAWhiten",
-    "PerChannelStandardize",
-    "PHIS",
-    "RefitSchedule",
-    "ZCAWhiten",
-    "build_normalizer",
-]
 
 
 def _dist_ready() -> bool:

@@ -77,8 +77,9 @@ class TeacherSpec:
         mean / std: override the input normalisation (defaults come from the model's config).
         width / depth / heads: size of a ``toy`` teacher.
         gelu_epilogue: run each MLP's first Linear + GELU (timm ``Mlp``, open_clip blocks) as one cuBLASLt GEMM
-            with a GELU epilogue on CUDA bf16 (``mmfm.kernels.linear_gelu``). That GELU is the tanh
-            approximation: outputs move by less than the teacher's own bf16 rounding (the op's docstring).
+            with a GELU epilogue on CUDA bf16 / fp16 (``mmfm.kernels.linear_gelu``). That GELU is the tanh
+            approximation, on every device: bf16 outputs move by less than the teacher's own rounding (the
+            op's docstring).
     """
 
     name: str
