@@ -36,7 +36,7 @@ def linear_gelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 def _epilogue_ok(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     # cuBLASLt's bias epilogue wants a 1-D bias of the GEMM's dtype; fp16 / bf16 are where it pays off
     return (x.is_cuda and bias is not None and x.dtype in (torch.float16, torch.bfloat16)
-            and weight.dtype == x.dtype and bias.dtype == x.dtype and x.shape[-1] == weight.shape[1])
+            and weight.dtype == x.dtype and bias.dtype == x.dtype)
 
 
 @torch.library.custom_op("mmfm::linear_gelu", mutates_args=())
@@ -54,18 +54,16 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:2], inputs[2] if inputs[2] is not None else None)
-    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*inputs)  # bias may be None
 
 
 def _backward(ctx, grad: torch.Tensor):
     x, weight, bias = ctx.saved_tensors
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (x, weight)]
-        b = bias.detach().requires_grad_(True) if ctx.has_bias else None
-        out = linear_gelu_reference(leaves[0], leaves[1], b)
-        grads = torch.autograd.grad(out, leaves + ([b] if b is not None else []), grad)
-    return grads[0], grads[1], grads[2] if b is not None else None
+        x, weight, bias = (t.detach().requires_grad_(True) if t is not None else None for t in (x, weight, bias))
+        out = linear_gelu_reference(x, weight, bias)
+        grads = torch.autograd.grad(out, [t for t in (x, weight, bias) if t is not None], grad)
+    return grads[0], grads[1], grads[2] if bias is not None else None
 
 
 _linear_gelu_op.register_autograd(_backward, setup_context=_setup_context)

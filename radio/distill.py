@@ -744,11 +744,10 @@ class TargetMaker:
             if summary is not None and k == 1:
                 t["summary"] = summary.float()
             if feats is not None:
+                f = feats
                 if name in self.normalizers:
                     with tf32_matmuls(self.cfg.normalizer_tf32):
                         f = _norm_forward(self.normalizers[name], feats)
-                else:
-                    f = feats
                 if self.cfg.loss.match == "teacher_to_student":
                     u = int(_spec_get(self.specs[name], "upsample_factor", 1) or 1)
                     f = resize(f, (tile[0] * u, tile[1] * u))

@@ -69,19 +69,14 @@ def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
         yield
         return
     matmul = torch.backends.cuda.matmul
-    new_api = hasattr(matmul, "fp32_precision")  # torch >= 2.9; allow_tf32 is deprecated there
-    old = matmul.fp32_precision if new_api else matmul.allow_tf32
-    if new_api:
-        matmul.fp32_precision = "tf32"
-    else:
-        matmul.allow_tf32 = True
+    # torch >= 2.9 has fp32_precision; allow_tf32 is deprecated there
+    attr, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    old = getattr(matmul, attr)
+    setattr(matmul, attr, value)
     try:
         yield
     finally:
-        if new_api:
-            matmul.fp32_precision = old
-        else:
-            matmul.allow_tf32 = old
+        setattr(matmul, attr, old)
 
 
 def _dist_ready() -> bool:

@@ -60,13 +60,10 @@ class TeacherLookahead:
         batch = next(self.batches, None)
         if batch is None:
             return None
-        with torch.cuda.stream(self.side):
+        with torch.cuda.stream(self.side):  # side None (disabled, or off CUDA): a no-op
             return batch, self.maker.teacher_outputs(batch.plan, batch.units)
 
     def __next__(self) -> tuple[StepBatch, RawOutputs]:
-        if not self.enabled:
-            batch = next(self.batches)
-            return batch, self.maker.teacher_outputs(batch.plan, batch.units)
         current = self._ahead if self._ahead is not None else self._launch()
         if current is None:
             raise StopIteration
@@ -78,5 +75,5 @@ class TeacherLookahead:
                     if t is not None and t.is_cuda:
                         t.record_stream(main)  # allocated on the side stream, read (and freed) on the main one
         # queued before the caller queues this batch's student work, so the two overlap on the GPU
-        self._ahead = self._launch()
+        self._ahead = self._launch() if self.enabled else None
         return current

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_radio_train import run_meta, write_json  # scripts/ is on sys.path when a script is run
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_radio_train import run_meta, write_json  # noqa: E402
-
-from mmfm.kernels.linear_gelu import linear_gelu, linear_gelu_reference  # noqa: E402
+from mmfm.kernels.linear_gelu import linear_gelu, linear_gelu_reference
 
 SHAPES = {"clip-L/14-336 B64": 64 * 577, "dinov2-L/14 @432 B64": 64 * 734, "sam-L @1024 B16": 16 * 64 * 64}
 

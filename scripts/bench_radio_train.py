@@ -162,30 +162,20 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
     prime_normalizers(maker, plan, images())
     engine.train()
 
-    def step() -> None:
-        x = images()
-        targets = maker.targets(plan, maker.teacher_outputs(plan, x))
-        res = engine.forward(x, targets)
-        engine.backward(res["loss"])
-        engine.step()
-
     def endless_batches() -> Iterable[SimpleNamespace]:
         while True:
             x = images()
             yield SimpleNamespace(plan=plan, units=x, student=x)
 
-    with_teachers = TeacherLookahead(endless_batches(), maker, device)
+    # the trainer's step; with overlap_teachers the teachers of step t + 1 are queued on a side stream before
+    # the student of step t (the phases below stay synchronous)
+    with_teachers = TeacherLookahead(endless_batches(), maker, device, enabled=overlap_teachers)
 
-    def overlapped_step() -> None:
-        # what the trainer does with overlap_teachers: the teachers of step t + 1 are queued on a side stream
-        # before the student of step t
+    def step() -> None:
         batch, raw = next(with_teachers)
         res = engine.forward(batch.student, maker.targets(plan, raw))
         engine.backward(res["loss"])
         engine.step()
-
-    if overlap_teachers:
-        step = overlapped_step  # noqa: F811 - the timed step; phases below stay synchronous
 
     if cfg.compile:
         compile_models(model, teachers, cfg.compile_mode, heads_and_losses=compile_heads_and_losses)
@@ -229,7 +219,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
             "compiled_forwards": compiled, "compiled_region_calls_per_step": regions,
             "student_top_kernels": student_kernels,
             "resolution": plan.resolution[0], "batch": part.batch_size,
-            "teachers": _names(cfg, partition),
+            "teachers": teachers_for(cfg, plan),
             "step_ms": 1e3 * dt, "img_per_s": part.batch_size / dt,
             "step_enqueue_ms": [round(1e3 * (b - a), 1) for a, b in zip([t0, *step_ends], step_ends)],
             "teacher_tflop_per_step": flops.teacher / 1e12, "student_tflop_per_step": flops.student / 1e12,
@@ -294,11 +284,6 @@ def _lap(device: torch.device, phases: dict[str, float], name: str, t0: float) -
     t = time.perf_counter()
     phases[name] += t - t0
     return t
-
-
-def _names(cfg: RadioTrainConfig, partition: int) -> list[str]:
-    pname = cfg.partitions[partition].name
-    return [t.name for t in cfg.teachers if not t.partitions or pname in t.partitions]
 
 
 # on / off switches; most give the behaviour before an optimisation, for A/B in one session
