@@ -83,6 +83,7 @@ class EngineConfig:
     grad_accum: int = 1
     ema_decay: float | None = None
     on_nonfinite: Literal["raise", "skip"] = "raise"
+    nonfinite_check: Literal["host", "device"] = "host"
     deepspeed_config: str | None = None
     micro_batch_size: int = 1  # fills DeepSpeed's train_micro_batch_size_per_gpu
 
@@ -140,23 +141,29 @@ def _param_groups(
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimizerConfig, param_groups: Iterable[Mapping[str, Any]] | None = None
+    model: nn.Module,
+    cfg: OptimizerConfig,
+    param_groups: Iterable[Mapping[str, Any]] | None = None,
+    fused: bool | None = None,
 ) -> torch.optim.Optimizer:
     """The torch optimizer named by ``cfg`` over ``model``'s trainable parameters.
 
     ``param_groups``: optional list of ``{"params": [...], "lr_scale": float, "weight_decay": float}``
     (e.g. a smaller LR for the vision encoder); each group's peak LR is ``cfg.lr * lr_scale``.
+    ``fused``: PyTorch's fused implementation (it can skip a step on the device through ``found_inf``);
+    None: fused Adam/AdamW on GPUs, PyTorch's default elsewhere.
     """
     groups = _param_groups(model, cfg, param_groups)
     if not groups:
         raise ValueError("build_optimizer: the model has no parameter with requires_grad=True")
+    if fused is None and cfg.name in ("adamw", "adam"):
+        # one fused kernel per step on GPUs (the foreach default launches several per parameter chunk)
+        fused = True if all(p.is_cuda for g in groups for p in g["params"]) else None
     if cfg.name in ("adamw", "adam"):
         cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-        # one fused kernel per step on GPUs (the foreach default launches several per parameter chunk)
-        on_gpu = all(p.is_cuda for g in groups for p in g["params"])
-        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True if on_gpu else None)
+        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
     raise ValueError(f"OptimizerConfig.name must be 'adamw', 'adam' or 'sgd', got {cfg.name!r}")
 
 
@@ -284,6 +291,15 @@ class Engine:
             contributes no gradient on any rank (counted in ``skipped_microbatches``); a window made only
             of skipped micro-batches takes no optimizer step (DeepSpeed: a step with LR 0), counted in
             ``skipped_steps``; a non-finite gradient norm also skips the step (non-DeepSpeed path).
+        nonfinite_check: where the non-finite checks read their values. ``"host"``: every micro-batch's loss
+            and every step's gradient norm are read on the host, one sync each, so a bad micro-batch is
+            dropped alone and ``"raise"`` raises at once. ``"device"`` (not with DeepSpeed): nothing is read
+            during the step, so the host can queue the next step while this one runs. The gradient norm is
+            tested on the device and a non-finite one makes the fused optimizer skip the whole step there
+            (weights, moments and its step count unchanged). ``settle()`` reads those results later (one sync)
+            and updates ``skipped_steps`` and ``last_grad_norm``; under ``"raise"`` it raises for the first bad
+            step. A non-finite loss poisons its whole accumulation window (counted in ``skipped_steps``, not in
+            ``skipped_microbatches``).
         micro_batch_size: per-rank micro-batch size (DeepSpeed bookkeeping only).
         param_groups: optional custom groups, see ``build_optimizer``.
         find_unused_parameters: passed to DDP.
@@ -300,6 +316,7 @@ class Engine:
         *,
         ema_decay: float | None = None,
         on_nonfinite: Literal["raise", "skip"] = "raise",
+        nonfinite_check: Literal["host", "device"] = "host",
         micro_batch_size: int = 1,
         param_groups: Iterable[Mapping[str, Any]] | None = None,
         find_unused_parameters: bool = False,
@@ -314,11 +331,18 @@ class Engine:
             raise ValueError(f"Engine: grad_clip must be >= 0 or None, got {grad_clip}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"Engine: on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if nonfinite_check not in ("host", "device"):
+            raise ValueError(f"Engine: nonfinite_check must be 'host' or 'device', got {nonfinite_check!r}")
+        if nonfinite_check == "device" and deepspeed_config is not None:
+            raise ValueError("Engine: nonfinite_check='device' needs the plain PyTorch path (DeepSpeed's step reads "
+                             "its gradient norm on the host); use nonfinite_check='host' with DeepSpeed")
         self.optimizer_cfg = optimizer_cfg or OptimizerConfig()
         self.precision: Precision = precision
         self.grad_clip = grad_clip or None
         self.grad_accum = grad_accum
         self.on_nonfinite = on_nonfinite
+        self.nonfinite_check = nonfinite_check
+        self._unread: list[tuple[int, torch.Tensor]] = []  # (optimizer step, its gradient norm) not yet settled
         self.global_step = 0  # optimizer steps taken (the LR schedule's step)
         self.micro_step = 0  # micro-batches consumed
         self.skipped_microbatches = 0
@@ -332,7 +356,8 @@ class Engine:
         self.device = self.dist.device
         if deepspeed_config is None:
             model = model.to(self.device)  # first: the optimizer picks its fused GPU kernel from where the weights are
-        optimizer = build_optimizer(model, self.optimizer_cfg, param_groups)
+        optimizer = build_optimizer(model, self.optimizer_cfg, param_groups,
+                                    fused=True if nonfinite_check == "device" else None)
         if deepspeed_config is not None:
             import deepspeed
 
@@ -384,6 +409,7 @@ class Engine:
             grad_accum=cfg.grad_accum,
             ema_decay=cfg.ema_decay,
             on_nonfinite=cfg.on_nonfinite,
+            nonfinite_check=cfg.nonfinite_check,
             micro_batch_size=cfg.micro_batch_size,
         )
         args.update(kwargs)
@@ -453,6 +479,9 @@ class Engine:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(f"Engine.backward: loss must be a scalar tensor, got {type(loss).__name__}"
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        if self.nonfinite_check == "device":
+            (loss / self.grad_accum).backward()  # a non-finite loss shows in the gradient norm (step)
+            return
         bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0, device=loss.device)
         n_bad = int(all_reduce_sum(bad).item())  # every rank takes the same decision (no hangs)
         if n_bad:
@@ -496,6 +525,14 @@ class Engine:
             if boundary:
                 norm = self._ds.get_global_grad_norm()
                 self.last_grad_norm = None if norm is None else float(norm)
+        elif boundary and self.nonfinite_check == "device":
+            self._set_lr(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.grad_clip or float("inf"))
+            # the fused kernel leaves weights, moments and step counts untouched where found_inf is 1
+            self.optimizer.found_inf = (~torch.isfinite(norm)).float()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._unread.append((self.global_step, norm.detach()))
         elif boundary:
             self._set_lr(self.optimizer)
             max_norm = self.grad_clip if self.grad_clip else float("inf")
@@ -521,9 +558,32 @@ class Engine:
                 self.ema.update(self.module)
         return boundary
 
+    def settle(self, through_step: int | None = None) -> None:
+        """Read the device-side checks (``nonfinite_check="device"``) of optimizer steps ``<= through_step``
+        (default: all taken so far) in one host sync: ``last_grad_norm`` and ``skipped_steps`` catch up, and
+        under ``on_nonfinite="raise"`` a non-finite step raises ``NonFiniteLossError``. A no-op on the host path.
+
+        A trainer that logs step t after queueing step t + 1 calls ``settle(t)``: it waits for step t only.
+        """
+        n = len(self._unread) if through_step is None else sum(s <= through_step for s, _ in self._unread)
+        if n == 0:
+            return
+        read, self._unread = self._unread[:n], self._unread[n:]
+        norms = torch.stack([v.float().reshape(()) for _, v in read]).tolist()
+        self.last_grad_norm = norms[-1]
+        bad = [(s, v) for (s, _), v in zip(read, norms) if not math.isfinite(v)]
+        self.skipped_steps += len(bad)
+        if bad and self.on_nonfinite == "raise":
+            s, v = bad[0]
+            raise NonFiniteLossError(
+                f"non-finite gradient norm {v} at optimizer step {s} (checked on the device: that step was "
+                f"skipped, the weights are those before it); set on_nonfinite='skip' to skip such steps"
+            )
+
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Counters, optimizer (non-DeepSpeed) and EMA: plain tensors/containers."""
+        self.settle()
         state: dict[str, Any] = {
             "global_step": self.global_step,
             "micro_step": self.micro_step,
@@ -537,6 +597,7 @@ class Engine:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._unread = []  # checks of steps the restored state replaces
         for key in ("global_step", "micro_step", "skipped_microbatches", "skipped_steps"):
             if key not in state:
                 raise ValueError(f"Engine.load_state_dict: state lacks {key!r}; got keys {sorted(state)}")

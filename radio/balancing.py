@@ -79,11 +79,10 @@ class AdaLossBalancer(_Balancer):
                         continue
                     i = self.index[k]
                     val = v.detach().double().to(self.running.device)
-                    if not bool(self.seen[i]):
-                        self.running[i] = val
-                        self.seen[i] = True
-                    else:
-                        self.running[i] = self.momentum * self.running[i] + (1 - self.momentum) * val
+                    # a term's first value starts its average; torch.where, not `if seen`: no host read per step
+                    ema = self.momentum * self.running[i] + (1 - self.momentum) * val
+                    self.running[i] = torch.where(self.seen[i], ema, val)
+                    self.seen[i] = True
         weights = {k: (1.0 / (self.running[self.index[k]] + self.eps)).to(v.dtype).to(v.device)
                    for k, v in losses.items()}
         total = sum(weights[k] * v for k, v in losses.items())

@@ -48,7 +48,9 @@ data stream position and the RNG state, which is what makes resume exact):
    every rank (DDP / ZeRO stay in step).
 9. **Engine step** (``mmfm.training.Engine``: AdamW, cosine LR with warm-up, clipping, bf16, EMA, DeepSpeed).
 
-Logged every step (TensorBoard + ``metrics.jsonl`` + tqdm): total loss, per-term losses and balancing
+Logged every step (TensorBoard + ``metrics.jsonl`` + tqdm; step t is read after step t + 1 is queued, so the
+host does not wait for the GPU with nothing queued; ``engine.nonfinite_check: device`` keeps the step itself
+free of host reads too): total loss, per-term losses and balancing
 weights, per-teacher summary / feature cosine similarity, feature fidelity ``Var(target) / MSE``, PHI-S
 ``alpha`` (where the normaliser has one), resolution, mosaic flag, img/s, model TFLOP/s and MFU per GPU
 (``mmfm.radio.flops``; MFU where the GPU's peak is known), LR, gradient norm, skipped samples. Checkpoints
@@ -856,17 +858,68 @@ class SampleStream:
         self.batcher.load_state_dict(state)
 
 
+@dataclass
+class _QueuedStep:
+    """A step whose work is queued but whose scalars are not read yet (``_train_steps`` logs it one step late)."""
+
+    step: int
+    lr: float
+    plan: StepPlan
+    metrics: dict[str, torch.Tensor]
+    n_images: int
+    flops: float
+    skipped_samples: int
+    grad_norm: float | None  # read at once on the Engine's host path; None: ``Engine.settle`` reads it
+
+
+def _log_step(q: _QueuedStep, engine: Engine, logger: MetricLogger, normalizers: Mapping[str, nn.Module],
+              peak_tflops: float | None, world: int, since: float) -> float:
+    """Read ``q``'s scalars (the host waits for step ``q.step`` here, not for the step queued after it) and log
+    them. The step's time is the host time from ``since`` (the previous read) to this read, which is returned."""
+    scalars = _reduce_metrics(q.metrics)
+    engine.settle(q.step)
+    read = time.perf_counter()
+    dt = read - since
+    for name, norm in normalizers.items():
+        alpha = _norm_alpha(norm)
+        if alpha is not None:
+            scalars[f"phi_s_alpha/{name}"] = alpha
+    tflops = q.flops / max(dt, 1e-9) / 1e12  # per GPU
+    if peak_tflops:
+        scalars["mfu"] = tflops / peak_tflops
+    grad_norm = q.grad_norm if q.grad_norm is not None else engine.last_grad_norm
+    logger.log(q.step, lr=q.lr, grad_norm=grad_norm or 0.0, resolution=q.plan.resolution[0], tflops=tflops,
+               mosaic=q.plan.mosaic_k, img_per_s=q.n_images * world / max(dt, 1e-9),
+               skipped_samples=q.skipped_samples, **scalars)
+    logger.advance()
+    return read
+
+
 def _train_steps(cfg: RadioTrainConfig, start: int, engine: Engine, maker: TargetMaker, batches: StepBatches,
                  sched: RefitSchedule, step_flops: Mapping[StepPlan, StepFlops], peak_tflops: float | None,
                  logger: MetricLogger, normalizers: Mapping[str, nn.Module], ckpt_dir: Path, world: int,
                  crash_after: int | None) -> None:
-    """Optimizer steps ``start .. cfg.steps - 1`` of ``train`` (module docstring, 1-9): log, refit, checkpoint."""
+    """Optimizer steps ``start .. cfg.steps - 1`` of ``train`` (module docstring, 1-9): log, refit, checkpoint.
+
+    Step t's scalars are read and logged after step t + 1 is queued, so the host never waits for the GPU with
+    nothing queued behind it (with ``engine.nonfinite_check: device`` nothing else in the step waits either).
+    A checkpoint, a crash test and the last step log at once. Each step's time is the host time between two
+    reads, which is the GPU's step time once the host runs ahead.
+    """
     from mmfm.distributed import barrier
 
     accum = cfg.engine.grad_accum
     with_teachers = TeacherLookahead(batches, maker, engine.device, cfg.overlap_teachers)
+    unlogged: _QueuedStep | None = None
+    last_read = time.perf_counter()
+
+    def log_unlogged() -> None:
+        nonlocal unlogged, last_read
+        if unlogged is not None:
+            q, unlogged = unlogged, None
+            last_read = _log_step(q, engine, logger, normalizers, peak_tflops, world, last_read)
+
     for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
         lr = engine.lr
         metrics: dict[str, torch.Tensor] = {}
         n_images, flops = 0, 0.0
@@ -883,6 +936,7 @@ def _train_steps(cfg: RadioTrainConfig, start: int, engine: Engine, maker: Targe
             flops += step_flops[plan].total
             for k, v in res.items():
                 metrics[k] = metrics.get(k, 0.0) + v.detach().float() / accum
+        log_unlogged()  # step - 1, while this step runs
         done = step + 1
         if sched.refit_at(step):
             carry = cfg.normalizer_schedule.carry_adaptors and not engine.uses_deepspeed
@@ -890,21 +944,12 @@ def _train_steps(cfg: RadioTrainConfig, start: int, engine: Engine, maker: Targe
                 log.warning("normalizer_schedule.carry_adaptors is not applied under DeepSpeed (separate master "
                             "weights): the adaptor heads re-learn after each normaliser refit")
             maker.fit(engine.module.encoder.adaptors if carry else None)
-        scalars = _reduce_metrics(metrics)
-        for name, norm in normalizers.items():
-            alpha = _norm_alpha(norm)
-            if alpha is not None:
-                scalars[f"phi_s_alpha/{name}"] = alpha
-        dt = time.perf_counter() - t0
-        tflops = flops / max(dt, 1e-9) / 1e12  # per GPU
-        if peak_tflops:
-            scalars["mfu"] = tflops / peak_tflops
-        logger.log(step, lr=lr, grad_norm=engine.last_grad_norm or 0.0, resolution=plan.resolution[0],
-                   tflops=tflops,
-                   mosaic=plan.mosaic_k, img_per_s=n_images * world / max(dt, 1e-9),
-                   skipped_samples=batch.skipped, **scalars)
-        logger.advance()
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        unlogged = _QueuedStep(step, lr, plan, metrics, n_images, flops, batch.skipped,
+                               engine.last_grad_norm if engine.nonfinite_check == "host" else None)
+        checkpoint = done % cfg.ckpt_every == 0 or done == cfg.steps
+        if checkpoint or done == crash_after:
+            log_unlogged()
+        if checkpoint:
             rank_state = {"data": batch.stream_state,
                           "normalizers": {n: v.state_dict() for n, v in normalizers.items()},
                           "balancer": engine.module.balancer.state_dict()}
@@ -914,6 +959,7 @@ def _train_steps(cfg: RadioTrainConfig, start: int, engine: Engine, maker: Targe
             logger.close()
             barrier()
             os.kill(os.getpid(), signal.SIGKILL)  # a real, unclean failure (tests)
+    log_unlogged()
 
 
 def eval_resolutions(cfg: RadioTrainConfig) -> list[int]:

@@ -140,16 +140,16 @@ class FeatureNormalizer(nn.Module):
         s_b = xb.sum(0)
         _all_reduce(n_b)
         _all_reduce(s_b)
-        if n_b.item() == 0:
-            return
-        mean_b = s_b / n_b
+        # No host read of n_b (it would wait for the GPU every training step): with no rows on any rank,
+        # n_b = 0 makes every increment below exactly zero, and the clamps keep 0 / 0 out.
+        mean_b = s_b / n_b.clamp_min(1.0)
         xc = xb - mean_b
         m2_b = _all_reduce(xc.T @ xc)
         n_a = self.count.clone()
         n = n_a + n_b
         delta = mean_b - self.running_mean
-        self.running_mean += delta * (n_b / n)
-        self.running_m2 += m2_b + torch.outer(delta, delta) * (n_a * n_b / n)
+        self.running_mean += delta * (n_b / n.clamp_min(1.0))
+        self.running_m2 += m2_b + torch.outer(delta, delta) * (n_a * n_b / n.clamp_min(1.0))
         self.count.copy_(n)
 
     def reset_moments(self) -> None:

@@ -206,6 +206,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
         t = _lap(device, phases, "student_fwd_bwd", t)
         engine.step()
         _lap(device, phases, "optimizer", t)
+    engine.settle()  # nonfinite_check='device': a non-finite step of the bench raises here, not silently
     per_teacher = _per_teacher(maker, plan, images(), iters, device, flops.teachers) if profile else {}
     student_kernels = []
     if profile and device.type == "cuda":
@@ -295,6 +296,8 @@ SWITCHES = {
     "--normalizer-fp32": "PHI-S target transform in plain fp32 (before normalizer_tf32)",
     "--overlap-teachers": "run the next step's teachers on a side CUDA stream during the student's step "
                           "(RadioTrainConfig.overlap_teachers)",
+    "--device-nonfinite-check": "the Engine tests the gradient norm on the device and reads nothing on the host "
+                                "during a step (EngineConfig.nonfinite_check='device', the ViT-B recipe's setting)",
 }
 
 
@@ -350,6 +353,7 @@ def main() -> int:
     for t in cfg.teachers:
         t.gelu_epilogue = t.gelu_epilogue and not args.no_gelu_epilogue
     cfg.engine.deepspeed_config = args.deepspeed
+    cfg.engine.nonfinite_check = "device" if args.device_nonfinite_check else "host"
     rows = []
     for partition, pname in enumerate(("low", "high")):
         if pname not in args.points:
@@ -396,7 +400,8 @@ def main() -> int:
             "teacher_autocast": args.teacher_autocast, "student_sdpa": args.student_sdpa,
             "timm_sam_attention": args.timm_sam_attention, "compile_mode": args.compile_mode,
             "compile_blocks_only": args.compile_blocks_only, "open_clip_mha": args.open_clip_mha,
-            "gelu_epilogue": not args.no_gelu_epilogue, "normalizer_tf32": not args.normalizer_fp32}
+            "gelu_epilogue": not args.no_gelu_epilogue, "normalizer_tf32": not args.normalizer_fp32,
+            "overlap_teachers": args.overlap_teachers, "nonfinite_check": cfg.engine.nonfinite_check}
     write_json(args.json, meta, rows=rows)
     return 0
 

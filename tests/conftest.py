@@ -33,3 +33,23 @@ def load_script(monkeypatch):
         return module
 
     return load
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """A context manager inside which reading a tensor's value on the host (``item``, ``tolist``, ``bool``,
+    ``float``, ``int``) raises: each such read waits for the GPU, so code meant to queue work without waiting
+    is checked on CPU with ``with no_host_reads(): ...``."""
+    import contextlib
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    @contextlib.contextmanager
+    def forbid():
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, name, host_read)
+            yield
+
+    return forbid

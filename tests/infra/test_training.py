@@ -157,6 +157,83 @@ def test_nonfinite_loss_raise_and_skip():
         engine.backward(torch.ones(3))
 
 
+def _adam_steps(engine: Engine) -> list[float]:
+    return [float(st["step"]) for st in engine.optimizer.state.values()]
+
+
+def test_device_nonfinite_check_matches_the_host_path():
+    """Finite steps: the same weights and gradient norms as the host path (fused vs foreach AdamW: float
+    rounding only), with clipping and accumulation."""
+    engines = []
+    for check in ("host", "device"):
+        torch.manual_seed(0)
+        engines.append(Engine(_model(0.0), _opt_cfg(6), grad_clip=0.5, grad_accum=2, nonfinite_check=check))
+    host, device = engines
+    for step in range(4):
+        for micro in range(2):
+            x, y = _batch(step, micro)
+            for e in engines:
+                e.backward(F.mse_loss(e.forward(x), y))
+                e.step()
+        device.settle(step)
+        assert device.last_grad_norm == pytest.approx(host.last_grad_norm, rel=1e-5)
+    assert device.skipped_steps == 0 and device.global_step == 4
+    for p_host, p in zip(host.module.parameters(), device.module.parameters()):
+        torch.testing.assert_close(p, p_host, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_device_nonfinite_check_skips_the_step_on_the_device(policy):
+    torch.manual_seed(0)
+    engine = Engine(_model(0.0), _opt_cfg(10), on_nonfinite=policy, nonfinite_check="device")
+    for step in range(2):
+        x, y = _batch(step, 0)
+        engine.backward(F.mse_loss(engine.forward(x), y))
+        engine.step()
+    engine.settle()
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    moments = [st["exp_avg"].clone() for st in engine.optimizer.state.values()]
+    x, y = _batch(2, 0)
+    engine.backward(F.mse_loss(engine.forward(x), y) * float("nan"))
+    assert engine.step()  # nothing is read on the host: no error yet
+    for b, p in zip(before, engine.module.parameters()):
+        assert torch.equal(b, p)  # skipped on the device: not even weight decay moved the weights
+    for m, st in zip(moments, engine.optimizer.state.values()):
+        assert torch.equal(m, st["exp_avg"])
+    assert _adam_steps(engine) == [2.0] * len(moments)
+    if policy == "raise":
+        with pytest.raises(NonFiniteLossError, match="optimizer step 2 .*skipped"):
+            engine.settle()
+        return
+    engine.settle()
+    assert (engine.skipped_steps, engine.skipped_microbatches, engine.global_step) == (1, 0, 3)
+    assert math.isnan(engine.last_grad_norm)
+    engine.backward(F.mse_loss(engine.forward(x), y))
+    engine.step()
+    assert _adam_steps(engine) == [3.0] * len(moments)
+    assert all(not torch.equal(b, p) for b, p in zip(before, engine.module.parameters()))
+    assert engine.state_dict()["skipped_steps"] == 1
+
+
+def test_device_nonfinite_check_reads_nothing_on_the_host(no_host_reads):
+    """The point of nonfinite_check='device': forward, backward and step never copy a value to the host
+    (each such read waits for the GPU), with accumulation and clipping."""
+    torch.manual_seed(0)
+    engine = Engine(_model(0.0), _opt_cfg(10), grad_clip=1.0, grad_accum=2, nonfinite_check="device")
+    batches = [_batch(s, m) for s in range(2) for m in range(2)]
+    with no_host_reads():
+        for x, y in batches:
+            engine.backward(F.mse_loss(engine.forward(x), y))
+            engine.step()
+    engine.settle()
+    assert engine.global_step == 2 and math.isfinite(engine.last_grad_norm)
+
+
+def test_device_nonfinite_check_is_refused_with_deepspeed():
+    with pytest.raises(ValueError, match="nonfinite_check='device' needs the plain PyTorch path"):
+        Engine(_model(0.0), _opt_cfg(4), deepspeed_config=str(ZERO2), nonfinite_check="device")
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_is_exact_without_deepspeed(tmp_path, precision):
     kw = dict(precision=precision, grad_clip=1.0, grad_accum=2, ema_decay=0.95)

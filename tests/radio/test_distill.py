@@ -3,6 +3,7 @@ stitching against a manual reference, exact in-process resume, export -> mmfm.ra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from pathlib import Path
@@ -84,9 +85,12 @@ def _cfg(shards, **kw) -> RadioTrainConfig:
     return cfg
 
 
-def _one_step(cfg: RadioTrainConfig, plan: StepPlan) -> tuple[dict, nn.Module, dict]:
-    teachers, infos, model, norms = setup(cfg)
-    maker = TargetMaker(cfg, teachers, infos, norms, torch.device("cpu"), build_upsamplers(cfg, teachers))
+def _one_step(cfg: RadioTrainConfig, plan: StepPlan, guard=contextlib.nullcontext,
+              device: str = "cpu") -> tuple[dict, nn.Module, dict]:
+    """One training step (teachers, moments, targets, student, optimizer) on a fresh setup; ``guard()`` wraps
+    the step."""
+    teachers, infos, model, norms = setup(cfg, device)
+    maker = TargetMaker(cfg, teachers, infos, norms, torch.device(device), build_upsamplers(cfg, teachers))
     fit_normalizers_initial(cfg, maker)
     before = copy.deepcopy(model.state_dict())
     engine = Engine.from_config(model, cfg.engine)
@@ -94,10 +98,14 @@ def _one_step(cfg: RadioTrainConfig, plan: StepPlan) -> tuple[dict, nn.Module, d
 
     stream = SampleStream(cfg.data.train_shards, 0, 0)
     images, units = build_batch(stream.take(samples_needed(cfg, plan)), plan, cfg.student.patch_size)
-    raw = maker.teacher_outputs(plan, units)
-    out = engine.forward(images, maker.targets(plan, raw))
-    engine.backward(out["loss"])
-    engine.step()
+    images, units = images.to(device), units.to(device)
+    with guard():
+        raw = maker.teacher_outputs(plan, units)
+        maker.observe(raw)
+        out = engine.forward(images, maker.targets(plan, raw))
+        engine.backward(out["loss"])
+        engine.step()
+    engine.settle()
     return out, model, before
 
 
@@ -120,6 +128,43 @@ def test_one_step_per_option(shards, feature, normalizer, balancing, match, mosa
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("encoder.student.blocks") for k in changed)
     assert any(k.startswith("encoder.adaptors.a.feature") for k in changed)
+
+
+@pytest.mark.parametrize("balancing", ["fixed", "adaloss", "uncertainty"])
+@pytest.mark.parametrize("mosaic", [False, True])
+def test_a_step_reads_nothing_on_the_host(shards, no_host_reads, balancing, mosaic):
+    """With engine.nonfinite_check: device a whole training step (teachers, moment update, targets, student,
+    losses, balancing, optimizer) queues its work without one host read, so the host never waits for the GPU."""
+    cfg = _cfg(shards, balancing=BalancingConfig(kind=balancing))
+    cfg.engine.nonfinite_check = "device"
+    plan = StepPlan(1, (64, 64), 2) if mosaic else StepPlan(0, (48, 48), 1)
+    out, model, before = _one_step(cfg, plan, no_host_reads)
+    assert torch.isfinite(out["loss"])
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mosaic", [False, True])
+def test_a_step_on_the_gpu_does_not_synchronize(shards, mosaic):
+    """The CUDA side of the test above: ops that wait for the GPU without a Python-level read (a nonzero, a
+    copy to the host) raise under torch.cuda.set_sync_debug_mode("error")."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+    @contextlib.contextmanager
+    def no_syncs():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    cfg = _cfg(shards, balancing=BalancingConfig(kind="adaloss"))
+    cfg.engine.nonfinite_check = "device"
+    cfg.engine.precision = "bf16"
+    plan = StepPlan(1, (64, 64), 2) if mosaic else StepPlan(0, (48, 48), 1)
+    out, _, _ = _one_step(cfg, plan, no_syncs, device="cuda")
+    assert torch.isfinite(out["loss"])
 
 
 def test_heads_of_an_absent_teacher_are_not_run_but_get_zero_gradients(shards):
@@ -372,6 +417,27 @@ def test_overlap_teachers_trains_identically(shards, tmp_path, device):
             for key in r:
                 if key.startswith(("loss", "cos", "fidelity")):
                     assert g[key] == pytest.approx(r[key], abs=1e-6, rel=0), (run, r["step"], key)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_device_nonfinite_check_trains_like_the_host_path(shards, tmp_path, device):
+    """engine.nonfinite_check: device reads nothing on the host during a step, and the trainer logs each step
+    after the next one is queued: every step is logged once, with the host path's values (on CPU the optimizer
+    is fused on the device path only: float rounding apart)."""
+    if (device == "cuda") != torch.cuda.is_available():
+        pytest.skip("the trainer runs on CUDA when there is one")
+    train(_cfg(shards, steps=5, ckpt_every=5), tmp_path / "host", progress=False)
+    cfg = _cfg(shards, steps=5, ckpt_every=5)
+    cfg.engine.nonfinite_check = "device"
+    train(cfg, tmp_path / "device", progress=False)
+    ref = read_jsonl(tmp_path / "host" / "metrics.jsonl")
+    got = read_jsonl(tmp_path / "device" / "metrics.jsonl")
+    assert [g["step"] for g in got] == [r["step"] for r in ref] == list(range(5))
+    for r, g in zip(ref, got):
+        assert set(r) == set(g)
+        for key in r:
+            if key not in ("img_per_s", "tflops"):  # timings
+                assert g[key] == pytest.approx(r[key], abs=1e-5, rel=1e-5), (r["step"], key)
 
 
 def test_compile_repeated_blocks_compiles_each_block_once():

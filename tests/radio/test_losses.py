@@ -125,6 +125,15 @@ def test_adaloss_inverse_running_magnitude():
     assert x.grad.item() == pytest.approx(w3["a"].item() * 6.0, rel=1e-6)
 
 
+def test_adaloss_update_reads_nothing_on_the_host(no_host_reads):
+    """The running magnitudes update on the device: a host read there would wait for the GPU every step."""
+    bal = AdaLossBalancer(["a", "b"], momentum=0.5, eps=0.0)
+    with no_host_reads():
+        bal({"a": torch.tensor(4.0), "b": torch.tensor(0.5)})
+        bal({"a": torch.tensor(2.0), "b": torch.tensor(1.5)})
+    torch.testing.assert_close(bal.running, torch.tensor([3.0, 1.0], dtype=torch.float64))
+
+
 def test_uncertainty_weighting_kendall():
     bal = UncertaintyBalancer(["a", "b"])
     with torch.no_grad():

@@ -56,6 +56,25 @@ def test_streaming_fit_equals_batch_fit():
     torch.testing.assert_close(a.transform, b.transform, rtol=1e-5, atol=1e-6)
 
 
+def test_update_with_no_rows_changes_nothing_and_reads_nothing_on_the_host(no_host_reads):
+    """An empty batch (a rank with no features this step) is a no-op, fresh or not; and update never reads a
+    value on the host, which would wait for the GPU every training step."""
+    x = torch.from_numpy(_data(n=200)).float()
+    fresh, seen = build_normalizer("phi_s", 12), build_normalizer("phi_s", 12)
+    seen.update(x)
+    with no_host_reads():
+        for norm in (fresh, seen):
+            norm.update(torch.zeros(0, 12))
+        seen.update(x[:50])
+    assert fresh.count == 0 and torch.equal(fresh.running_mean, torch.zeros(12))
+    assert torch.equal(fresh.running_m2, torch.zeros(12, 12))
+    ref = build_normalizer("phi_s", 12)
+    ref.update(x)
+    ref.update(x[:50])
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(seen.state_dict()[k], v)
+
+
 def test_phis_math_matches_numpy():
     x = _data()
     norm = _fit("phi_s", x)
