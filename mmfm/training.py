@@ -183,9 +183,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        for n, p in module.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+        pairs = [(self.shadow[n], p.detach()) for n, p in module.named_parameters() if n in self.shadow]
+        # one multi-tensor kernel per chunk of parameters on GPUs, not one launch per parameter
+        torch._foreach_lerp_([s for s, _ in pairs], [p.to(s.dtype) for s, p in pairs], 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -298,6 +298,7 @@ SWITCHES = {
                           "(RadioTrainConfig.overlap_teachers)",
     "--device-nonfinite-check": "the Engine tests the gradient norm on the device and reads nothing on the host "
                                 "during a step (EngineConfig.nonfinite_check='device', the ViT-B recipe's setting)",
+    "--ema": "keep an EMA of the student's weights (ema_decay 0.9999, as the ViT-B recipe does)",
 }
 
 
@@ -354,6 +355,7 @@ def main() -> int:
         t.gelu_epilogue = t.gelu_epilogue and not args.no_gelu_epilogue
     cfg.engine.deepspeed_config = args.deepspeed
     cfg.engine.nonfinite_check = "device" if args.device_nonfinite_check else "host"
+    cfg.engine.ema_decay = 0.9999 if args.ema else None
     rows = []
     for partition, pname in enumerate(("low", "high")):
         if pname not in args.points:
@@ -401,7 +403,8 @@ def main() -> int:
             "timm_sam_attention": args.timm_sam_attention, "compile_mode": args.compile_mode,
             "compile_blocks_only": args.compile_blocks_only, "open_clip_mha": args.open_clip_mha,
             "gelu_epilogue": not args.no_gelu_epilogue, "normalizer_tf32": not args.normalizer_fp32,
-            "overlap_teachers": args.overlap_teachers, "nonfinite_check": cfg.engine.nonfinite_check}
+            "overlap_teachers": args.overlap_teachers, "nonfinite_check": cfg.engine.nonfinite_check,
+            "ema_decay": cfg.engine.ema_decay}
     write_json(args.json, meta, rows=rows)
     return 0
 
