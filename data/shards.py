@@ -15,7 +15,9 @@ Reading (:func:`read_shards` -> :class:`ShardDataset`) is a ``torch.utils.data.I
    key into raw samples; a shuffle buffer seeded by ``(seed, epoch, rank, worker)`` mixes them.
    The order of each stream is therefore a pure function of (shards, seed, epoch, rank, worker).
 3. **Decoding** to the schema dataclass (``ImageSample`` / ``RegionSample`` /
-   ``ConversationSample``), then the optional ``transform``.
+   ``ConversationSample``), then the optional ``transform``. With ``decode_threads > 0`` the next
+   ``2 * decode_threads`` samples of a stream decode on a thread pool (PIL decodes without holding the GIL)
+   and are delivered in stream order: samples, skips and positions are exactly those of serial decoding.
 
 Bad data never stops a run: a corrupt image, a missing key, bad JSON or a truncated tar skips the
 sample, adds one to ``dataset.skipped[reason]`` and logs one warning naming shard and key. A shard
@@ -53,7 +55,7 @@ import logging
 import os
 import random
 import tarfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +172,30 @@ class _Raw:
     bad: str | None = None
 
 
+@dataclass
+class _Decoded:
+    """What decoding one raw sample gave: the sample, or the reason (and detail) to skip it."""
+
+    sample: Any
+    reason: str | None
+    detail: str
+
+
+class _Counted:
+    """An iterator that counts the items drawn from it (a stream's final raw position)."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items, self.count = iter(items), 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.items)
+        self.count += 1
+        return item
+
+
 def _resolve_schema(schema: str | type | None) -> Callable[[dict[str, Any]], Any] | None:
     if schema is None or schema == "raw":
         return None
@@ -220,8 +246,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __init__(self, urls: list[str], schema: str | type | None = "image", transform: Callable | None = None,
                  shuffle_buffer: int = 0, shuffle_shards: bool | None = None, seed: int = 0, epoch: int = 0,
                  rank: int | None = None, world_size: int | None = None,
-                 resume_from: dict[str, Any] | None = None) -> None:
+                 resume_from: dict[str, Any] | None = None, decode_threads: int = 0) -> None:
         super().__init__()
+        if isinstance(decode_threads, bool) or not isinstance(decode_threads, int) or decode_threads < 0:
+            raise ValueError(f"decode_threads={decode_threads!r}: must be an int >= 0 (0 decodes on the reading thread)")
+        self.decode_threads = decode_threads
         if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer={shuffle_buffer!r}: must be an int >= 0 (0 disables shuffling)")
         default_rank, default_world = _default_rank_world()
@@ -313,14 +342,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         # Skips made in this iteration; folded into self.skipped as they happen (num_workers=0) and
         # reported per batch when tagged (workers).
         local: Counter[str] = Counter()
-        position = 0
-        raw_stream = _shuffled(self._raw_samples(shards), self.shuffle_buffer,
-                               random.Random(_stream_seed(self.seed, self.epoch, self.rank, worker)))
-        for raw in raw_stream:
-            position += 1
-            if position <= start:  # already consumed before the restart: skip without decoding
-                continue
-            out = self._decode_one(raw, local)
+        raw_stream = _Counted(_shuffled(self._raw_samples(shards), self.shuffle_buffer,
+                                        random.Random(_stream_seed(self.seed, self.epoch, self.rank, worker))))
+        for position, raw, decoded in self._decoded_in_order(raw_stream, start):
+            out = self._account(raw, decoded, local)
             if not tagged:
                 self._positions = [position]
             if out is None:
@@ -329,12 +354,33 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 out = self.transform(out)
             yield _Tagged(worker, position, dict(local), out) if tagged else out
         if tagged:  # final marker: the worker's last position and skips after its last sample
-            yield _Tagged(worker, position, dict(local), _END)
+            yield _Tagged(worker, raw_stream.count, dict(local), _END)
         if self._resume is not None and self._resume[0] == self.epoch and num_workers == 1:
             self._resume = None  # a completed epoch does not resume again
 
-    def _decode_one(self, raw: _Raw, local: Counter[str]) -> Any | None:
-        url, key = raw.sample.get("__url__", "?"), raw.sample.get("__key__", "?")
+    def _decoded_in_order(self, raws: Iterator[_Raw], start: int) -> Iterator[tuple[int, _Raw, _Decoded]]:
+        """``(position, raw, decoded)`` for the raw samples after position ``start`` (those before were consumed
+        before a restart: skipped without decoding), in stream order; decoded ahead on ``decode_threads``."""
+        todo = ((position, raw) for position, raw in enumerate(raws, 1) if position > start)
+        if self.decode_threads == 0:
+            for position, raw in todo:
+                yield position, raw, self._decode_one(raw)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="shard-decode") as pool:
+            window: deque = deque()
+            for position, raw in todo:
+                window.append((position, raw, pool.submit(self._decode_one, raw)))
+                if len(window) >= 2 * self.decode_threads:  # bounded read-ahead: memory stays O(threads)
+                    position, raw, future = window.popleft()
+                    yield position, raw, future.result()
+            while window:
+                position, raw, future = window.popleft()
+                yield position, raw, future.result()
+
+    def _decode_one(self, raw: _Raw) -> _Decoded:
+        """Decode one raw sample; a bad one gives its skip reason instead (no shared state: thread-safe)."""
         reason, detail = raw.bad, ""
         out = None
         if reason is None:
@@ -346,8 +392,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 reason, detail = CORRUPT_IMAGE, f"{type(err).__name__}: {err}"
             except (ValueError, TypeError) as err:  # bad JSON, wrong field types, invalid boxes
                 reason, detail = BAD_METADATA, f"{type(err).__name__}: {err}"
+        return _Decoded(out, reason, detail)
+
+    def _account(self, raw: _Raw, decoded: _Decoded, local: Counter[str]) -> Any | None:
+        """The decoded sample, or None after counting and (once) logging why it is skipped."""
+        reason, detail = decoded.reason, decoded.detail
         if reason is None:
-            return out
+            return decoded.sample
+        url, key = raw.sample.get("__url__", "?"), raw.sample.get("__key__", "?")
         local[reason] += 1
         self.skipped[reason] += 1
         if (url, key, reason) not in self._logged:  # once per bad sample, not once per epoch
@@ -587,7 +639,7 @@ class ResumableLoader:
 def read_shards(urls: str | Path | Sequence[str | Path], schema: str | type | None = "image",
                 transform: Callable | None = None, shuffle_buffer: int = 0, shuffle_shards: bool | None = None,
                 seed: int = 0, epoch: int = 0, rank: int | None = None, world_size: int | None = None,
-                resume_from: dict[str, Any] | None = None) -> ShardDataset:
+                resume_from: dict[str, Any] | None = None, decode_threads: int = 0) -> ShardDataset:
     """Stream webdataset shards as schema samples.
 
     Args:
@@ -600,7 +652,9 @@ def read_shards(urls: str | Path | Sequence[str | Path], schema: str | type | No
         seed, epoch: seed the shuffles; change the epoch with ``dataset.set_epoch(e)``.
         rank, world_size: shard split across processes (default: torch.distributed or env RANK/WORLD_SIZE).
         resume_from: a ``state_dict()`` to continue from.
+        decode_threads: decode each stream's next samples on this many threads (0: on the reading thread);
+            the order, skips and positions are those of serial decoding.
     """
     return ShardDataset(expand_urls(urls), schema=schema, transform=transform, shuffle_buffer=shuffle_buffer,
                         shuffle_shards=shuffle_shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                        resume_from=resume_from)
+                        resume_from=resume_from, decode_threads=decode_threads)

@@ -178,7 +178,8 @@ class DataConfig:
     ``prefetch``: training batches built ahead on a background thread while the GPU runs (0: on the main
     thread); ``resize_workers``: threads resizing one batch's images (``mmfm.radio.step_batches``);
     ``decode_workers``: DataLoader processes decoding the training shards (0: decoded on the batch thread; the
-    sample order depends on it, so resume with the same value).
+    sample order depends on it, so resume with the same value); ``decode_threads``: threads decoding the next
+    samples of each stream (no pickling, and the order does not depend on it).
     """
 
     train_shards: str = ""
@@ -188,6 +189,7 @@ class DataConfig:
     prefetch: int = 2
     resize_workers: int = 4
     decode_workers: int = 0
+    decode_threads: int = 0
     eval_images: int = 64
     eval_batch_size: int = 16
     knn_bank_images: int = 128
@@ -832,15 +834,16 @@ class SampleStream:
 
     ``decode_workers > 0`` decodes in that many DataLoader worker processes (``ShardDataset.loader``: position,
     order and skip counts stay exact; the order depends on the worker count, so a run resumes with the same
-    count)."""
+    count). ``decode_threads > 0`` decodes each stream's next samples on threads, in the same order."""
 
-    def __init__(self, shards: str, shuffle_buffer: int, seed: int, decode_workers: int = 0) -> None:
+    def __init__(self, shards: str, shuffle_buffer: int, seed: int, decode_workers: int = 0,
+                 decode_threads: int = 0) -> None:
         from mmfm.data.batching import EpochBatcher
         from mmfm.data.shards import read_shards
         from mmfm.distributed import get_rank, get_world_size
 
         self.dataset = read_shards(shards, schema="image", shuffle_buffer=shuffle_buffer, seed=seed,
-                                   rank=get_rank(), world_size=get_world_size())
+                                   rank=get_rank(), world_size=get_world_size(), decode_threads=decode_threads)
         self.source = self.dataset.loader(num_workers=decode_workers) if decode_workers > 0 else self.dataset
         self.batcher = EpochBatcher(self.source, 1)
 
@@ -1044,7 +1047,8 @@ def train(cfg: RadioTrainConfig, out: str | Path, resume: bool = False, progress
     seed_everything(cfg.seed, rank)
     max_batch = max(q.batch_size for q in cfg.partitions)
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=max_batch)
-    stream = SampleStream(cfg.data.train_shards, cfg.data.shuffle_buffer, cfg.seed, cfg.data.decode_workers)
+    stream = SampleStream(cfg.data.train_shards, cfg.data.shuffle_buffer, cfg.seed, cfg.data.decode_workers,
+                          cfg.data.decode_threads)
     sched = RefitSchedule(cfg.normalizer_schedule.refit_every, cfg.normalizer_schedule.refit_until)
 
     start = 0

@@ -53,10 +53,10 @@ def make_config(shards: str, resolution: int, batch: int) -> RadioTrainConfig:
 
 
 def time_loop(cfg: RadioTrainConfig, steps: int, prefetch: int, workers: int, gpu_step_s: float,
-              decode_workers: int = 0) -> float:
+              decode_workers: int = 0, decode_threads: int = 0) -> float:
     """Mean seconds per step of ``steps`` steps after one warm-up step: take the batch, then wait
     ``gpu_step_s`` (the simulated GPU step; 0 times the batch building alone)."""
-    stream = SampleStream(cfg.data.train_shards, cfg.data.shuffle_buffer, 0, decode_workers)
+    stream = SampleStream(cfg.data.train_shards, cfg.data.shuffle_buffer, 0, decode_workers, decode_threads)
     with StepBatches(cfg, stream, 0, steps + 1, prefetch, workers) as batches:
         next(batches)
         t0 = time.perf_counter()
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=4, help="resize threads (DataConfig.resize_workers)")
     p.add_argument("--decode-workers", type=int, default=2,
                    help="DataLoader processes decoding the shards in the last row (DataConfig.decode_workers)")
+    p.add_argument("--decode-threads", type=int, default=2,
+                   help="threads decoding the shards in the decode-threads rows (DataConfig.decode_threads)")
     p.add_argument("--gpu-step-ms", type=float, default=224.5, help="the simulated GPU step")
     p.add_argument("--shards", default=None, help="existing image shards (default: write synthetic JPEGs)")
     p.add_argument("--tiny", action="store_true", help="smoke run: small images and batches")
@@ -91,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         gpu_s = args.gpu_step_ms / 1e3
         row = {"on_demand_build_ms": 1e3 * time_loop(cfg, args.steps, 0, 1, 0.0),
                "threads_build_ms": 1e3 * time_loop(cfg, args.steps, 0, args.workers, 0.0),
+               "threads_decode_threads_build_ms": 1e3 * time_loop(cfg, args.steps, 0, args.workers, 0.0, 0,
+                                                                  args.decode_threads),
                "loop_on_demand_ms": 1e3 * time_loop(cfg, args.steps, 0, args.workers, gpu_s),
                "loop_prefetch_ms": 1e3 * time_loop(cfg, args.steps, 2, args.workers, gpu_s),
                "loop_prefetch_decode_workers_ms": 1e3 * time_loop(cfg, args.steps, 2, args.workers, gpu_s,
-                                                                  args.decode_workers)}
+                                                                  args.decode_workers),
+               "loop_prefetch_decode_threads_ms": 1e3 * time_loop(cfg, args.steps, 2, args.workers, gpu_s, 0,
+                                                                  args.decode_threads)}
     b = args.batch
     print(f"{args.resolution} px, batch {b}, {args.image_size} px JPEGs, {os.cpu_count()} CPUs, "
           f"{args.workers} resize threads")
@@ -102,12 +108,18 @@ def main(argv: list[str] | None = None) -> int:
           f"({b / row['on_demand_build_ms'] * 1e3:7.1f} img/s)")
     print(f"  build a batch, {args.workers} resize threads: {row['threads_build_ms']:8.1f} ms  "
           f"({b / row['threads_build_ms'] * 1e3:7.1f} img/s, {row['on_demand_build_ms'] / row['threads_build_ms']:.2f}x)")
+    print(f"  the same, plus {args.decode_threads} decode threads: {row['threads_decode_threads_build_ms']:8.1f} ms  "
+          f"({b / row['threads_decode_threads_build_ms'] * 1e3:7.1f} img/s, "
+          f"{row['on_demand_build_ms'] / row['threads_decode_threads_build_ms']:.2f}x)")
     print(f"  trainer loop with a {args.gpu_step_ms:g} ms GPU step: on demand {row['loop_on_demand_ms']:.1f} ms/step, "
           f"prefetch 2 {row['loop_prefetch_ms']:.1f} ms/step  ->  "
           f"{row['loop_on_demand_ms'] / row['loop_prefetch_ms']:.2f}x (the GPU step alone: {args.gpu_step_ms:g} ms)")
     print(f"  the same with {args.decode_workers} decode processes: "
           f"{row['loop_prefetch_decode_workers_ms']:.1f} ms/step  ->  "
           f"{row['loop_on_demand_ms'] / row['loop_prefetch_decode_workers_ms']:.2f}x")
+    print(f"  the same with {args.decode_threads} decode threads instead: "
+          f"{row['loop_prefetch_decode_threads_ms']:.1f} ms/step  ->  "
+          f"{row['loop_on_demand_ms'] / row['loop_prefetch_decode_threads_ms']:.2f}x")
     write_json(args.json, {**run_meta(torch.device("cpu")), "cpus": os.cpu_count(), **vars(args)}, row=row)
     return 0
 

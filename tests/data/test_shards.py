@@ -131,14 +131,16 @@ def test_deterministic_shuffle_per_epoch(shards):
     assert _labels(read_shards(shards, shuffle_buffer=10, seed=2)) != e0
 
 
+@pytest.mark.parametrize("decode_threads", [0, 3])
 @pytest.mark.parametrize("k", [0, 1, 13, 39, 40])
-def test_resume_num_workers_0(shards, k):
+def test_resume_num_workers_0(shards, k, decode_threads):
+    # decoded ahead on threads, the position still counts what was delivered, not what was read ahead
     full = _labels(read_shards(shards, shuffle_buffer=8, seed=5, epoch=2))
-    ds = read_shards(shards, shuffle_buffer=8, seed=5, epoch=2)
+    ds = read_shards(shards, shuffle_buffer=8, seed=5, epoch=2, decode_threads=decode_threads)
     it = iter(ds)
     first = [next(it).key for _ in range(k)]
     state = json.loads(json.dumps(ds.state_dict()))  # must survive a JSON round trip (checkpoint metadata)
-    resumed = read_shards(shards, shuffle_buffer=8, seed=5, resume_from=state)
+    resumed = read_shards(shards, shuffle_buffer=8, seed=5, resume_from=state, decode_threads=decode_threads)
     assert resumed.epoch == 2
     rest = _labels(resumed)
     assert first + rest == full
@@ -236,7 +238,8 @@ def _rewrite(path: Path, edit) -> None:
             tf.addfile(info, io.BytesIO(data))
 
 
-def test_corrupt_image_missing_key_bad_json_are_skipped_and_counted(shards, caplog):
+@pytest.mark.parametrize("decode_threads", [0, 2])
+def test_corrupt_image_missing_key_bad_json_are_skipped_and_counted(shards, caplog, decode_threads):
     def edit(name, data):
         if name == "s00006.png":
             return data[:40] + b"\x00" * 20  # truncated PNG stream
@@ -248,7 +251,7 @@ def test_corrupt_image_missing_key_bad_json_are_skipped_and_counted(shards, capl
 
     _rewrite(shards[1], lambda n, d: edit(n, d))
     _rewrite(shards[2], lambda n, d: edit(n, d))
-    ds = read_shards(shards)
+    ds = read_shards(shards, decode_threads=decode_threads)
     with caplog.at_level(logging.WARNING, logger="mmfm.data.shards"):
         keys = _labels(ds)
         _labels(ds)  # a second epoch: counted again, but not logged again
@@ -260,10 +263,11 @@ def test_corrupt_image_missing_key_bad_json_are_skipped_and_counted(shards, capl
     assert any("s00012" in m and "shard-000002.tar" in m and "missing" in m for m in messages)
 
 
-def test_skips_aggregate_over_workers(shards):
+@pytest.mark.parametrize("decode_threads", [0, 2])
+def test_skips_aggregate_over_workers(shards, decode_threads):
     _rewrite(shards[0], lambda n, d: None if n == "s00004.png" else d)  # last sample of shard 0
     _rewrite(shards[5], lambda n, d: b"garbage" if n == "s00025.png" else d)
-    ds = read_shards(shards)
+    ds = read_shards(shards, decode_threads=decode_threads)
     loader = ds.loader(batch_size=4, num_workers=2)
     keys = [s.key for batch in loader for s in batch]
     assert sorted(keys) == [k for k in ALL_KEYS if k not in ("s00004", "s00025")]
@@ -309,6 +313,8 @@ def test_bad_arguments(shards):
         read_shards(shards, rank=2, world_size=2)
     with pytest.raises(ValueError, match="shuffle_buffer"):
         read_shards(shards, shuffle_buffer=-1)
+    with pytest.raises(ValueError, match="decode_threads"):
+        read_shards(shards, decode_threads=-1)
     with pytest.raises(ValueError, match="samples_per_shard"):
         write_shards(_samples(1), shards[0].parent / "x", samples_per_shard=0)
 
