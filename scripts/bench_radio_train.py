@@ -25,6 +25,9 @@ the timed steps. ``--compile`` compiles the student's and teachers' blocks, the 
 terms as ``compile: true`` does in a recipe (``--compile-blocks-only`` leaves the heads and losses eager);
 ``--deepspeed configs/deepspeed/zero2.json`` runs the Engine under DeepSpeed (one process here: ZeRO
 partitions over ranks, so one GPU shows its bf16-weights + fp32-master memory layout, not the savings).
+Under ``torchrun --nproc_per_node N`` every rank runs the step on its own GPU with its own images, the Engine
+wraps the student in DDP (or DeepSpeed), rank 0 reports, and img/s counts all ranks;
+``scripts/bench_radio_scaling.py`` runs 1 and N processes and prints the scaling efficiency.
 
     python scripts/bench_radio_train.py --device cuda --json out.json
     python scripts/bench_radio_train.py --compile --points low          # one point, compiled blocks
@@ -37,6 +40,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -44,6 +48,7 @@ from types import SimpleNamespace
 
 import torch
 
+from mmfm.distributed import cleanup_distributed, get_rank, get_world_size, init_distributed, is_main_process
 from mmfm.radio import teachers as teachers_module
 from mmfm.radio.distill import (
     COMPILE_MODES,
@@ -154,7 +159,7 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
     # gradient hooks) and before any compile (mmfm.radio.flops)
     flops = count_step_flops(maker, model.to(device).encoder, plan)
     engine = Engine.from_config(model, cfg.engine, micro_batch_size=part.batch_size)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(get_rank())  # each rank its own images, as with real data
 
     def images() -> torch.Tensor:
         return torch.rand(part.batch_size, 3, *plan.resolution, device=device, generator=gen)
@@ -221,7 +226,8 @@ def bench_point(cfg: RadioTrainConfig, partition: int, device: torch.device, war
             "student_top_kernels": student_kernels,
             "resolution": plan.resolution[0], "batch": part.batch_size,
             "teachers": teachers_for(cfg, plan),
-            "step_ms": 1e3 * dt, "img_per_s": part.batch_size / dt,
+            "step_ms": 1e3 * dt, "img_per_s": get_world_size() * part.batch_size / dt,
+            "img_per_s_per_gpu": part.batch_size / dt, "world_size": get_world_size(),
             "step_enqueue_ms": [round(1e3 * (b - a), 1) for a, b in zip([t0, *step_ends], step_ends)],
             "teacher_tflop_per_step": flops.teacher / 1e12, "student_tflop_per_step": flops.student / 1e12,
             "achieved_tflops": flops.total / dt / 1e12, "peak_gib": peak,
@@ -345,7 +351,13 @@ def main() -> int:
         teachers_module._open_clip_packed_attention = lambda model: 0  # _build_open_clip then leaves open_clip's
     if args.tiny:
         args.low, args.high, args.batch_low, args.batch_high, args.warmup, args.iters = 64, 128, 4, 2, 1, 2
-    device = torch.device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank, DDP (or DeepSpeed) over them
+        if args.device == "cpu":
+            os.environ["MMFM_DEVICE"] = "cpu"  # gloo on CPU, for a smoke run
+        device = init_distributed(force=args.deepspeed is not None).device
+    else:
+        device = torch.device(args.device)
+    say = print if is_main_process() else lambda *a, **k: None  # rank 0 reports; every rank runs the steps
     precision = "bf16" if device.type == "cuda" else "fp32"
     cfg = make_config(args.tiny, args.low, args.high, args.batch_low, args.batch_high, precision)
     cfg.compile = args.compile
@@ -367,34 +379,35 @@ def main() -> int:
         row["teacher_mfu"] = row["teacher_tflop_per_step"] / (ph["teachers"] / 1e3) / args.peak_tflops
         row["student_mfu"] = row["student_tflop_per_step"] / (ph["student_fwd_bwd"] / 1e3) / args.peak_tflops
         rows.append(row)
-        print(f"res {row['resolution']:5d} batch {row['batch']:3d} teachers {','.join(row['teachers']):14s} "
-              f"{row['img_per_s']:8.1f} img/s  step {row['step_ms']:8.1f} ms  "
+        gpus = f" ({row['world_size']} ranks)" if row["world_size"] > 1 else ""
+        say(f"res {row['resolution']:5d} batch {row['batch']:3d} teachers {','.join(row['teachers']):14s} "
+              f"{row['img_per_s']:8.1f} img/s{gpus}  step {row['step_ms']:8.1f} ms  "
               f"TFLOP/step teacher {row['teacher_tflop_per_step']:.2f} student {row['student_tflop_per_step']:.2f}  "
               f"MFU {100 * row['mfu']:.1f}%  peak {row['peak_gib']:.1f} GiB", flush=True)
-        print("    phases (ms, synchronised): " + "  ".join(f"{k} {v:.1f}" for k, v in ph.items())
+        say("    phases (ms, synchronised): " + "  ".join(f"{k} {v:.1f}" for k, v in ph.items())
               + f"  | teacher MFU {100 * row['teacher_mfu']:.1f}%  student MFU {100 * row['student_mfu']:.1f}%",
               flush=True)
         if row["compiled_forwards"]:
-            print("    compiled blocks, dynamo cache entries of their forward: " + ", ".join(
+            say("    compiled blocks, dynamo cache entries of their forward: " + ", ".join(
                 f"{'.'.join(k.split('.')[-2:])} {n}" for k, n in row["compiled_forwards"].items())
                 + f"; compiled-region calls in one step: {row['compiled_region_calls_per_step']}", flush=True)
-        print("    timed steps, CPU time to enqueue each (ms): " + " ".join(f"{v:.0f}" for v in row["step_enqueue_ms"]),
+        say("    timed steps, CPU time to enqueue each (ms): " + " ".join(f"{v:.0f}" for v in row["step_enqueue_ms"]),
               flush=True)
         for tname, t in row["per_teacher"].items():
-            print(f"    teacher {tname}: {t['ms']:.1f} ms, {t['tflop']:.2f} TFLOP, "
+            say(f"    teacher {tname}: {t['ms']:.1f} ms, {t['tflop']:.2f} TFLOP, "
                   f"MFU {100 * t['tflop'] / (t['ms'] / 1e3) / args.peak_tflops:.1f}%", flush=True)
             for k, ms in t.get("top_kernels", []):
-                print(f"        {ms:8.2f} ms  {k}", flush=True)
+                say(f"        {ms:8.2f} ms  {k}", flush=True)
         if row["student_top_kernels"]:
-            print("    student forward + backward, top GPU kernels:", flush=True)
+            say("    student forward + backward, top GPU kernels:", flush=True)
             for k, ms in row["student_top_kernels"]:
-                print(f"        {ms:8.2f} ms  {k}", flush=True)
+                say(f"        {ms:8.2f} ms  {k}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.compile:  # a block that recompiles past dynamo's limit runs eager: say so, or timings mislead
         from torch._dynamo.utils import counters
 
-        print("    torch.compile: " + "  ".join(f"{k} {dict(counters[k])}" for k in ("frames", "stats", "recompiles")
+        say("    torch.compile: " + "  ".join(f"{k} {dict(counters[k])}" for k in ("frames", "stats", "recompiles")
                                                if counters.get(k)) + f"  graph breaks {sum(counters['graph_break'].values())}",
               flush=True)
     meta = {**run_meta(device), "precision": precision, "peak_tflops": args.peak_tflops,
@@ -404,8 +417,10 @@ def main() -> int:
             "compile_blocks_only": args.compile_blocks_only, "open_clip_mha": args.open_clip_mha,
             "gelu_epilogue": not args.no_gelu_epilogue, "normalizer_tf32": not args.normalizer_fp32,
             "overlap_teachers": args.overlap_teachers, "nonfinite_check": cfg.engine.nonfinite_check,
-            "ema_decay": cfg.engine.ema_decay}
-    write_json(args.json, meta, rows=rows)
+            "ema_decay": cfg.engine.ema_decay, "world_size": get_world_size()}
+    if is_main_process():
+        write_json(args.json, meta, rows=rows)
+    cleanup_distributed()
     return 0
 
 
