@@ -53,3 +53,12 @@ def no_host_reads(monkeypatch):
             yield
 
     return forbid
+
+
+@pytest.fixture(autouse=True)
+def _restore_functional_linear():
+    """DeepSpeed ZeRO-3 replaces ``torch.nn.functional.linear`` for the rest of the process ("This will persist
+    unless manually reset"); put it back after each test so that later tests in the worker see PyTorch's."""
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear
