@@ -358,10 +358,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self._resume is not None and self._resume[0] == self.epoch and num_workers == 1:
             self._resume = None  # a completed epoch does not resume again
 
-    def _decoded_in_order(self, raws: Iterator[_Raw], start: int) -> Iterator[tuple[int, _Raw, _Decoded]]:
+    def _decoded_in_order(self, raws: _Counted, start: int) -> Iterator[tuple[int, _Raw, _Decoded]]:
         """``(position, raw, decoded)`` for the raw samples after position ``start`` (those before were consumed
         before a restart: skipped without decoding), in stream order; decoded ahead on ``decode_threads``."""
-        todo = ((position, raw) for position, raw in enumerate(raws, 1) if position > start)
+        # raws.count is the position of the raw sample just drawn (read here, before any read-ahead)
+        todo = ((raws.count, raw) for raw in raws if raws.count > start)
         if self.decode_threads == 0:
             for position, raw in todo:
                 yield position, raw, self._decode_one(raw)

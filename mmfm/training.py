@@ -525,30 +525,27 @@ class Engine:
             if boundary:
                 norm = self._ds.get_global_grad_norm()
                 self.last_grad_norm = None if norm is None else float(norm)
-        elif boundary and self.nonfinite_check == "device":
-            self._set_lr(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.grad_clip or float("inf"))
-            # the fused kernel leaves weights, moments and step counts untouched where found_inf is 1
-            self.optimizer.found_inf = (~torch.isfinite(norm)).float()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self._unread.append((self.global_step, norm.detach()))
         elif boundary:
             self._set_lr(self.optimizer)
-            max_norm = self.grad_clip if self.grad_clip else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(self._trainable, max_norm)
-            self.last_grad_norm = float(norm)
-            if window_dead:
-                self.skipped_steps += 1  # nothing but skipped micro-batches: no optimizer step at all
-            elif math.isfinite(self.last_grad_norm):
+            norm = torch.nn.utils.clip_grad_norm_(self._trainable, self.grad_clip or float("inf"))
+            if self.nonfinite_check == "device":
+                # the fused kernel leaves weights, moments and step counts untouched where found_inf is 1
+                self.optimizer.found_inf = (~torch.isfinite(norm)).float()
                 self.optimizer.step()
-            elif self.on_nonfinite == "raise":
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm {self.last_grad_norm} at optimizer step {self.global_step}"
-                )
+                self._unread.append((self.global_step, norm.detach()))
             else:
-                self.skipped_steps += 1
+                self.last_grad_norm = float(norm)
+                if window_dead:
+                    self.skipped_steps += 1  # nothing but skipped micro-batches: no optimizer step at all
+                elif math.isfinite(self.last_grad_norm):
+                    self.optimizer.step()
+                elif self.on_nonfinite == "raise":
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLossError(
+                        f"non-finite gradient norm {self.last_grad_norm} at optimizer step {self.global_step}"
+                    )
+                else:
+                    self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         self.micro_step += 1
         if boundary:
@@ -557,6 +554,12 @@ class Engine:
             if self.ema is not None:
                 self.ema.update(self.module)
         return boundary
+
+    @property
+    def step_grad_norm(self) -> float | torch.Tensor | None:
+        """The latest optimizer step's gradient norm without waiting for the GPU: a float on the host path (read
+        already), a 0-d device tensor under ``nonfinite_check="device"`` (reading it waits for that step only)."""
+        return self._unread[-1][1] if self._unread else self.last_grad_norm
 
     def settle(self, through_step: int | None = None) -> None:
         """Read the device-side checks (``nonfinite_check="device"``) of optimizer steps ``<= through_step``

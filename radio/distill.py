@@ -872,7 +872,7 @@ class _QueuedStep:
     n_images: int
     flops: float
     skipped_samples: int
-    grad_norm: float | None  # read at once on the Engine's host path; None: ``Engine.settle`` reads it
+    grad_norm: float | torch.Tensor | None  # ``Engine.step_grad_norm``: read when the step is logged
 
 
 def _log_step(q: _QueuedStep, engine: Engine, logger: MetricLogger, normalizers: Mapping[str, nn.Module],
@@ -890,8 +890,7 @@ def _log_step(q: _QueuedStep, engine: Engine, logger: MetricLogger, normalizers:
     tflops = q.flops / max(dt, 1e-9) / 1e12  # per GPU
     if peak_tflops:
         scalars["mfu"] = tflops / peak_tflops
-    grad_norm = q.grad_norm if q.grad_norm is not None else engine.last_grad_norm
-    logger.log(q.step, lr=q.lr, grad_norm=grad_norm or 0.0, resolution=q.plan.resolution[0], tflops=tflops,
+    logger.log(q.step, lr=q.lr, grad_norm=0.0 if q.grad_norm is None else float(q.grad_norm), resolution=q.plan.resolution[0], tflops=tflops,
                mosaic=q.plan.mosaic_k, img_per_s=q.n_images * world / max(dt, 1e-9),
                skipped_samples=q.skipped_samples, **scalars)
     logger.advance()
@@ -947,8 +946,7 @@ def _train_steps(cfg: RadioTrainConfig, start: int, engine: Engine, maker: Targe
                 log.warning("normalizer_schedule.carry_adaptors is not applied under DeepSpeed (separate master "
                             "weights): the adaptor heads re-learn after each normaliser refit")
             maker.fit(engine.module.encoder.adaptors if carry else None)
-        unlogged = _QueuedStep(step, lr, plan, metrics, n_images, flops, batch.skipped,
-                               engine.last_grad_norm if engine.nonfinite_check == "host" else None)
+        unlogged = _QueuedStep(step, lr, plan, metrics, n_images, flops, batch.skipped, engine.step_grad_norm)
         checkpoint = done % cfg.ckpt_every == 0 or done == cfg.steps
         if checkpoint or done == crash_after:
             log_unlogged()
